@@ -1,0 +1,41 @@
+# Two entry points that work on a fresh machine: `make demo` and `make test`.
+# Each creates .venv once (pip takes torch/torchvision from local disk where it can) and reuses it.
+
+PYTHON ?= $(shell command -v python3.11 2>/dev/null || command -v python3)
+VENV   := .venv
+BIN    := $(VENV)/bin
+STAMP  := $(VENV)/.installed
+PYTEST_ARGS ?=
+
+.PHONY: venv demo test test-all lint bench pillow-simd clean
+
+$(STAMP): pyproject.toml
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install -e '.[test]'
+	touch $@
+
+venv: $(STAMP)
+
+## demo: generate a small dataset, build shards, serve them and train two peers on it (CPU)
+demo: $(STAMP)
+	$(BIN)/python -m hivetrain.demo --dir demo
+
+## test: the suite CI runs (everything but the full fault suite)
+test: $(STAMP)
+	$(BIN)/pytest $(PYTEST_ARGS)
+
+lint: $(STAMP)
+	$(BIN)/ruff check . && $(BIN)/ruff format --check .
+
+## bench: every comparison table under bench/ (minutes; see BENCHMARKS.md)
+bench: $(STAMP)
+	for b in bench/build.py bench/fetch.py bench/loader.py bench/assign.py bench/train.py; do \
+	  test -f $$b && $(BIN)/python $$b || exit 1; done
+
+## pillow-simd: swap in the SIMD build of Pillow (compiles from source; optional fast path)
+pillow-simd: $(STAMP)
+	$(BIN)/pip uninstall -y pillow
+	CC="cc -mavx2" $(BIN)/pip install --no-binary :all: pillow-simd
+
+clean:
+	rm -rf $(VENV) demo bench/out .pytest_cache
