@@ -28,6 +28,12 @@ def cli(verbose: int, quiet: int) -> None:
     setup_logging(verbose, quiet)
 
 
+# ---- build and inspect: build, synth, verify, info ----------------------------------------------
+
+
+# ---- transport: serve, fetch, torrent, seed -----------------------------------------------------
+
+
 def main() -> None:
     cli(prog_name="shardtool")
 
