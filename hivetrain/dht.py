@@ -1,0 +1,245 @@
+"""A hivemind DHT for one training run: signed, typed records and failures explained in one line.
+
+Every hivetrain component (trainer, shard assignment, monitor) joins the run through `make_dht`, which
+installs the run's record validators before the node bootstraps:
+
+* `RSASignatureValidator`: a record whose subkey holds `[owner:<public key>]` can only be written by the
+  holder of that key, so one peer cannot erase or overwrite another's records;
+* `SchemaValidator` over `RunRecords` (prefix = run id): the DHT itself drops records of the wrong shape,
+  whoever sends them.
+
+hivemind's own errors for the usual set-up mistakes (an address without `/p2p/`, no peer listening there,
+clocks more than 3 s apart) are turned into `PeerError` with the cause and the fix.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Iterable, Sequence
+from functools import partial
+from pathlib import Path
+
+import hivemind
+from hivemind.dht.crypto import RSASignatureValidator
+from hivemind.dht.schema import BytesWithPublicKey, SchemaValidator
+from hivemind.dht.validation import RecordValidatorBase
+from hivemind.utils import MAX_DHT_TIME_DISCREPANCY_SECONDS
+from hivemind.utils.crypto import RSAPrivateKey
+from hivemind.utils.multiaddr import Multiaddr
+from pydantic.v1 import BaseModel, StrictFloat, conint, conlist, constr
+
+from .errors import PeerError
+
+logger = logging.getLogger(__name__)
+
+CLOCK_TOLERANCE_S = float(MAX_DHT_TIME_DISCREPANCY_SECONDS)
+"""hivemind refuses peers whose clocks differ by more than this (seconds)."""
+
+_PeerName = constr(strict=True, max_length=128)
+_Index = conint(strict=True, ge=0)
+
+
+class ClaimEntry(BaseModel):
+    """One shard held under lease: epoch `e`, shard index `i` (manifest order), claim time `t` (DHT time)."""
+
+    e: _Index
+    i: _Index
+    t: StrictFloat
+
+
+class LeaseRecord(BaseModel):
+    """A peer's shards in flight; the record expires `lease_s` after its last renewal."""
+
+    peer: _PeerName
+    fp: constr(strict=True, max_length=32)
+    time: StrictFloat
+    claims: conlist(ClaimEntry, max_items=4096)
+
+
+class EpochDone(BaseModel):
+    """The shards (indices) a peer finished in epoch `e`."""
+
+    e: _Index
+    shards: conlist(_Index, max_items=1_000_000)
+
+
+class DoneRecord(BaseModel):
+    """A peer's finished shards for the epochs still open, and the last epoch it saw complete."""
+
+    peer: _PeerName
+    fp: constr(strict=True, max_length=32)
+    time: StrictFloat
+    complete: conint(strict=True, ge=-1)
+    done: conlist(EpochDone, max_items=16)
+
+
+class RunRecords(BaseModel):
+    """Keys `<run_id>_lease` and `<run_id>_done`: one subkey per peer, the peer's `[owner:...]` key."""
+
+    lease: dict[BytesWithPublicKey, LeaseRecord]
+    done: dict[BytesWithPublicKey, DoneRecord]
+
+
+def run_validators(
+    run_id: str, *, schemas: Iterable[type[BaseModel]] = (), private_key: RSAPrivateKey | None = None
+) -> list[RecordValidatorBase]:
+    """Signature and schema validators for `run_id`; `schemas` add other components' record types.
+
+    The default key is hivemind's process-wide one, which `hivemind.Optimizer`'s progress tracker also
+    signs with: give every peer of one process the same key, or each DHT its own `private_key` (tests).
+    """
+    validators: list[RecordValidatorBase] = [RSASignatureValidator(private_key)]
+    validators += [SchemaValidator(schema, prefix=run_id) for schema in (RunRecords, *schemas)]
+    return validators
+
+
+def make_dht(
+    *,
+    initial_peers: Sequence[str] = (),
+    host_maddrs: Sequence[str] = ("/ip4/127.0.0.1/tcp/0",),
+    announce_maddrs: Sequence[str] = (),
+    client_mode: bool = False,
+    identity_path: str | Path | None = None,
+    use_auto_relay: bool = False,
+    start: bool = True,
+    run_id: str | None = None,
+    schemas: Iterable[type[BaseModel]] = (),
+    private_key: RSAPrivateKey | None = None,
+    tries: int = 3,
+    retry_delay_s: float = 2.0,
+    **dht_kwargs,
+) -> hivemind.DHT:
+    """Start (or prepare, with `start=False`) a DHT node with the run's validators.
+
+    Args:
+        initial_peers: full multiaddrs of running peers (`/ip4/HOST/tcp/PORT/p2p/PEER_ID`); empty: first peer.
+        host_maddrs: where to listen; loopback by default, `/ip4/0.0.0.0/tcp/PORT` for other machines.
+        announce_maddrs: the addresses others should dial (behind NAT or port forwarding).
+        client_mode: a node that serves no requests (for peers that cannot accept connections).
+        identity_path: a private key file that fixes the peer id across restarts (created if missing).
+        use_auto_relay: reach this node through relays when it is behind NAT.
+        run_id: installs `RunRecords` (and `schemas`) under this prefix; None: signatures only.
+        private_key: the key that signs this peer's records (see `run_validators`).
+        tries, retry_delay_s: attempts to reach `initial_peers` before giving up with PeerError.
+        dht_kwargs: passed on to `hivemind.DHT` (and from there to DHTNode and P2P).
+
+    Raises:
+        PeerError: a malformed address, no initial peer reachable after `tries`, clocks too far apart.
+    """
+    for address in initial_peers:
+        _check_address(address)
+    validators = (
+        run_validators(run_id, schemas=schemas, private_key=private_key)
+        if run_id is not None
+        else [RSASignatureValidator(private_key)]
+    )
+    kwargs = dict(
+        initial_peers=list(initial_peers),
+        host_maddrs=list(host_maddrs),
+        client_mode=client_mode,
+        use_auto_relay=use_auto_relay,
+        record_validators=validators,
+        **dht_kwargs,
+    )
+    if announce_maddrs:
+        kwargs["announce_maddrs"] = list(announce_maddrs)
+    if identity_path is not None:
+        kwargs["identity_path"] = str(identity_path)
+    if not start:
+        return hivemind.DHT(start=False, **kwargs)
+    for attempt in range(1, max(tries, 1) + 1):
+        try:
+            return hivemind.DHT(start=True, **kwargs)
+        except Exception as e:  # hivemind raises plain RuntimeError & co. from its child process
+            error = explain_start_failure(e, initial_peers=initial_peers, identity_path=identity_path)
+            if not _unreachable(e) or attempt >= tries:
+                raise error from e
+            logger.warning("%s (try %d of %d; retrying in %.0f s)", error, attempt, tries, retry_delay_s)
+            time.sleep(retry_delay_s)
+    raise AssertionError("unreachable")  # the loop returns or raises
+
+
+def _check_address(address: str) -> None:
+    try:
+        parsed = Multiaddr(address)
+        parsed["p2p"]
+    except Exception:
+        raise PeerError(
+            f"initial peer {address!r} is not a full multiaddr: expected /ip4/HOST/tcp/PORT/p2p/PEER_ID "
+            "(as printed by the running peer)"
+        ) from None
+
+
+def _unreachable(e: BaseException) -> bool:
+    text = str(e)
+    return "bootstrap" in text and ("failed to connect" in text or "none of the initial_peers" in text)
+
+
+def explain_start_failure(
+    e: BaseException, *, initial_peers: Sequence[str] = (), identity_path: str | Path | None = None
+) -> PeerError:
+    """A one-line PeerError for an exception hivemind raised while starting a DHT node."""
+    text = str(e)
+    if _unreachable(e):
+        peers = ", ".join(initial_peers)
+        return PeerError(
+            f"could not reach any initial peer ({peers}): check that a peer of this run is running there "
+            "and that its address and port are reachable from this machine"
+        )
+    if "local time must be within" in text:
+        return PeerError(
+            f"this machine's clock differs from the other peers' by more than {CLOCK_TOLERANCE_S:.0f} s "
+            f"({text.strip()}): synchronize the clock (NTP, e.g. `timedatectl set-ntp true`) and retry"
+        )
+    if identity_path is not None and ("identity" in text.lower() or "key" in text.lower()):
+        return PeerError(f"{identity_path}: cannot use this identity file: {text.strip()}")
+    return PeerError(f"cannot start the DHT node: {type(e).__name__}: {text.strip() or 'no details'}")
+
+
+def clock_offset(remote_time: float, *, now: float, max_age: float) -> float | None:
+    """An estimate of how far a peer's clock is off, or None when `remote_time` looks plausible.
+
+    `remote_time` is a timestamp the peer wrote at most `max_age` seconds ago by its clock (a renewed record).
+    A timestamp from the future, or older than `max_age`, means the clocks differ by at least that much.
+    """
+    if remote_time > now + CLOCK_TOLERANCE_S:
+        return remote_time - now
+    if remote_time < now - max_age - CLOCK_TOLERANCE_S:
+        return remote_time - (now - max_age)
+    return None
+
+
+def signing_key(dht: hivemind.DHT) -> bytes | None:
+    """The `[owner:...]` key this DHT node signs with, or None when it has no RSASignatureValidator."""
+    return dht.run_coroutine(_signing_key)
+
+
+async def _signing_key(_dht: hivemind.DHT, node) -> bytes | None:
+    # The composite validator keeps its parts private; hivemind is pinned (==1.1.12) in pyproject.
+    for validator in getattr(node.protocol.record_validator, "_validators", ()):
+        if isinstance(validator, RSASignatureValidator):
+            return validator.local_public_key
+    return None
+
+
+def ensure_run_validators(dht: hivemind.DHT, run_id: str) -> bytes:
+    """Install the run's validators on a running DHT unless `make_dht(run_id=...)` did; returns its key."""
+    return dht.run_coroutine(partial(_ensure_run_validators, run_id=run_id))
+
+
+async def _ensure_run_validators(_dht: hivemind.DHT, node, run_id: str) -> bytes:
+    composite = node.protocol.record_validator
+    key_id = SchemaValidator(RunRecords, prefix=run_id)._key_id_to_field_name
+    known = any(
+        isinstance(v, SchemaValidator) and key_id.keys() <= v._key_id_to_field_name.keys()
+        for v in composite._validators
+    )
+    if not known:
+        composite.extend(run_validators(run_id))  # an existing RSASignatureValidator keeps its key
+    return await _signing_key(_dht, node)
+
+
+def visible_addresses(dht: hivemind.DHT) -> list[str]:
+    """The multiaddrs other peers can pass as `initial_peers` to join through this node."""
+    return [str(address) for address in dht.get_visible_maddrs()]
