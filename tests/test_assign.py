@@ -1,0 +1,190 @@
+"""assign.py without a DHT: the pure decision logic, record parsing, and the single-peer assigner."""
+
+from __future__ import annotations
+
+import json
+import logging
+import random
+import time
+
+import pytest
+from hivemind.utils import ValueWithExpiration
+
+from hivetrain.assign import (
+    Board,
+    Claim,
+    Done,
+    Lease,
+    ShardAssigner,
+    choose,
+    confirmed,
+    current_epoch,
+    parse_dones,
+    parse_leases,
+    shard_list_fingerprint,
+    shard_order,
+)
+
+NOW = 1_000_000.0
+A, B, C = b"[owner:a]", b"[owner:b]", b"[owner:c]"
+NAMES = [f"train-{i:06d}.tar" for i in range(12)]
+
+
+def lease(owner, *claims, expires=NOW + 10):
+    return Lease(owner, owner.decode(), expires, tuple(claims))
+
+
+def done(owner, complete=-1, **per_epoch):
+    return Done(owner, owner.decode(), complete, {int(e[1:]): frozenset(s) for e, s in per_epoch.items()})
+
+
+def identity(epoch):
+    return list(range(12))
+
+
+def picks(board, runs=200, **kw):
+    return {choose(board, identity, rng=random.Random(k), spread=12, **kw).index for k in range(runs)}
+
+
+def test_shard_order_is_agreed_and_reshuffled_each_epoch():
+    orders = [shard_order("run", 0, e, 100) for e in range(3)]
+    assert all(sorted(o) == list(range(100)) for o in orders)
+    assert orders[0] == shard_order("run", 0, 0, 100)  # every peer computes the same order
+    assert len({tuple(o) for o in orders}) == 3  # a new order each epoch
+    assert shard_order("run", 1, 0, 100) != orders[0]
+    assert shard_order("other", 0, 0, 100) != orders[0]
+
+
+def test_free_shards_exclude_done_and_live_claims_but_not_expired_ones():
+    board = Board(
+        12,
+        NOW,
+        leases=(lease(A, (0, 2, NOW - 1)), lease(B, (0, 3, NOW - 5), expires=NOW - 0.1)),
+        dones=(done(C, e0={0, 1}),),
+    )
+    chosen = picks(board)
+    assert chosen == set(range(3, 12))  # 3 is free again: B's lease expired
+    assert set(board.holders(0)) == {2}
+
+
+def test_spread_limits_the_choice_to_the_first_free_shards_in_order():
+    board = Board(12, NOW, dones=(done(C, e0={0, 1}),))
+    chosen = {choose(board, identity, rng=random.Random(k), spread=3).index for k in range(100)}
+    assert chosen == {2, 3, 4}
+    assert {choose(board, identity, rng=random.Random(k), spread=1).index for k in range(10)} == {2}
+
+
+def test_earliest_claim_wins_then_the_lower_key():
+    board = Board(12, NOW, leases=(lease(B, (0, 5, NOW - 2.0)), lease(A, (0, 5, NOW - 1.0))))
+    assert board.holders(0)[5][1] == B
+    assert confirmed(board, B, 0, 5) and not confirmed(board, A, 0, 5)
+    tie = Board(12, NOW, leases=(lease(B, (0, 5, NOW - 1.0)), lease(A, (0, 5, NOW - 1.0))))
+    assert confirmed(tie, A, 0, 5) and not confirmed(tie, B, 0, 5)
+    finished = Board(12, NOW, leases=tie.leases, dones=(done(C, e0={5}),))
+    assert not confirmed(finished, A, 0, 5)  # read by someone already: back off
+
+
+def test_current_epoch_follows_markers_and_full_epochs_not_stale_records():
+    assert current_epoch(Board(12, NOW)) == 0
+    # a long-gone peer's record of epoch 1 must not pull the run back
+    stale = done(C, complete=0, e1={0, 1})
+    assert current_epoch(Board(12, NOW, dones=(stale, done(A, complete=4)))) == 5
+    # an epoch that the union of done records covers is complete even before anyone says so
+    split = (done(A, complete=1, e2=set(range(6))), done(B, complete=1, e2=set(range(6, 12))))
+    assert current_epoch(Board(12, NOW, dones=split)) == 3
+
+
+def test_next_epoch_opens_when_no_shard_is_free_and_old_leases_come_first():
+    in_flight = lease(A, (0, 11, NOW - 1))
+    board = Board(12, NOW, leases=(in_flight,), dones=(done(B, e0=set(range(11))),))
+    step = choose(board, identity, rng=random.Random(0))
+    assert (step.kind, step.epoch) == ("claim", 1)  # no idling while shard 11 of epoch 0 is read
+    # the next epoch also fully held: wait, do not open a third one
+    busy = lease(C, *((1, i, NOW - 1) for i in range(12)))
+    waiting = Board(12, NOW, leases=(in_flight, busy), dones=board.dones)
+    assert choose(waiting, identity, rng=random.Random(0)).kind == "wait"
+    # A dies: its epoch-0 shard is taken before anything of epoch 1
+    dead = lease(A, (0, 11, NOW - 40), expires=NOW - 1)
+    board = Board(12, NOW, leases=(dead,), dones=board.dones)
+    step = choose(board, identity, rng=random.Random(0))
+    assert (step.kind, step.epoch, step.index) == ("claim", 0, 11)
+
+
+def test_finished_after_max_epochs():
+    board = Board(12, NOW, dones=(done(A, complete=1),))
+    assert choose(board, identity, rng=random.Random(0), max_epochs=2).kind == "finished"
+    last = Board(
+        12, NOW, leases=(lease(A, (1, 3, NOW)),), dones=(done(B, complete=0, e1=set(range(12)) - {3}),)
+    )
+    assert choose(last, identity, rng=random.Random(0), max_epochs=2).kind == "wait"  # epoch 2 never opens
+
+
+def test_parsing_ignores_and_reports_records_that_make_no_sense():
+    fp = shard_list_fingerprint(NAMES)
+    good = dict(peer="p", fp=fp, time=NOW, claims=[dict(e=0, i=3, t=NOW)])
+    entries = {
+        A: ValueWithExpiration(good, NOW + 10),
+        B: ValueWithExpiration(dict(good, claims=[dict(e=0, i=99, t=NOW)]), NOW + 10),  # no shard 99
+        C: ValueWithExpiration(dict(good, fp="another manifest"), NOW + 10),
+        b"[owner:d]": ValueWithExpiration(dict(good, claims=[dict(e=0, i=1, t=NOW + 3600)]), NOW + 10),
+        b"[owner:e]": ValueWithExpiration(b"garbage", NOW + 10),
+        b"[owner:f]": ValueWithExpiration(dict(good, time=1), NOW + 10),  # int: no silent conversion
+    }
+    leases, bad = parse_leases(ValueWithExpiration(entries, NOW + 10), n=12, fp=fp, now=NOW)
+    assert [(x.owner, x.claims) for x in leases] == [(A, ((0, 3, NOW),))]
+    assert sorted(subkey for subkey, _ in bad) == sorted(set(entries) - {A})
+
+    done_ok = dict(peer="p", fp=fp, time=NOW, complete=-1, done=[dict(e=0, shards=[1, 2])])
+    entries = {A: ValueWithExpiration(done_ok, NOW), B: ValueWithExpiration(dict(done_ok, complete="x"), NOW)}
+    dones, bad = parse_dones(ValueWithExpiration(entries, NOW), n=12, fp=fp)
+    assert [(x.owner, x.shards) for x in dones] == [(A, {0: frozenset({1, 2})})]
+    assert [subkey for subkey, _ in bad] == [B]
+    assert parse_dones(None, n=12, fp=fp) == ([], [])
+
+
+def test_alone_without_dht_reads_every_shard_once_per_epoch_in_order(tmp_path, caplog):
+    caplog.set_level(logging.INFO, logger="hivetrain.assign")
+    assigner = ShardAssigner(NAMES, dht=None, run_id="solo", seed=7, log_dir=tmp_path, max_epochs=2)
+    assert assigner.single_peer and "single-peer mode" in caplog.text
+    claims = []
+    while (claim := assigner.next_claim(timeout=5)) is not None:
+        claims.append(claim)
+        assigner.complete(claim, samples=10 + len(claims))
+    assigner.close()
+    for epoch in (0, 1):
+        got = [c.shard for c in claims if c.epoch == epoch]
+        assert got == [NAMES[i] for i in shard_order("solo", 7, epoch, len(NAMES))]
+    assert assigner.epoch == 2
+    lines = [json.loads(line) for line in (tmp_path / "shards.jsonl").read_text().splitlines()]
+    assert [(x["epoch"], x["shard"]) for x in lines] == [(c.epoch, c.shard) for c in claims]
+    assert [x["samples"] for x in lines] == list(range(11, 11 + len(claims)))
+    assert all(x["start"] <= x["end"] <= time.time() and x["peer"] == "local" for x in lines)
+
+
+def test_prefetch_release_and_close_without_dht(tmp_path):
+    assigner = ShardAssigner(NAMES[:3], dht=None, run_id="solo", max_epochs=1)
+    first, second, third = (assigner.next_claim(timeout=1) for _ in range(3))
+    assert assigner.held() == [first, second, third]
+    started = time.monotonic()
+    assert assigner.next_claim(timeout=0.3) is None  # all three in flight here: waits, then gives up
+    assert time.monotonic() - started >= 0.3
+    assigner.release(second)
+    assert assigner.next_claim(timeout=1) == second  # given back, so free again
+    assigner.complete(first, 5)
+    with pytest.raises(ValueError, match="not held"):
+        assigner.complete(first, 5)
+    state = assigner.epoch_state()
+    assert state[first.shard] == {"state": "done", "holder": "local"}
+    assert state[third.shard]["state"] == "claimed"
+    assigner.close()
+    assert assigner.held() == [] and assigner.next_claim(timeout=1) is None
+
+
+def test_bad_arguments():
+    with pytest.raises(ValueError, match="no shards"):
+        ShardAssigner([], dht=None, run_id="r")
+    with pytest.raises(ValueError, match="unique"):
+        ShardAssigner(["a.tar", "a.tar"], dht=None, run_id="r")
+    with pytest.raises(ValueError, match="lease_s"):
+        ShardAssigner(["a.tar"], dht=None, run_id="r", lease_s=0)
+    assert Claim(0, "a.tar") == Claim(0, "a.tar")

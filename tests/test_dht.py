@@ -1,0 +1,95 @@
+"""dht.py: real hivemind DHTs on loopback with the run's validators, and set-up failures in one line."""
+
+from __future__ import annotations
+
+import logging
+
+import hivemind
+import hivemind.dht.protocol
+import pytest
+from hivemind.utils import get_dht_time
+from hivemind.utils.crypto import RSAPrivateKey
+
+from hivetrain.dht import (
+    clock_offset,
+    ensure_run_validators,
+    make_dht,
+    signing_key,
+    visible_addresses,
+)
+from hivetrain.errors import PeerError
+
+RUN = "dhttest"
+
+
+@pytest.fixture(scope="module")
+def first():
+    dht = make_dht(run_id=RUN, private_key=RSAPrivateKey())
+    yield dht
+    dht.shutdown()
+
+
+def lease(peer="p", claims=()):
+    return dict(peer=peer, fp="f", time=get_dht_time(), claims=list(claims))
+
+
+def test_peers_join_and_only_owners_write_their_records(first):
+    second = make_dht(run_id=RUN, private_key=RSAPrivateKey(), initial_peers=visible_addresses(first))
+    try:
+        mine, theirs = signing_key(first), signing_key(second)
+        assert mine.startswith(b"[owner:ssh-rsa ") and mine != theirs
+        expiration = get_dht_time() + 30
+        assert first.store(f"{RUN}_lease", lease(claims=[dict(e=0, i=1, t=1.5)]), expiration, subkey=mine)
+        # the other peer's subkey: the signature check refuses it on every node
+        assert not first.store(f"{RUN}_lease", lease("forged"), expiration + 1, subkey=theirs)
+        # the right owner but the wrong shape (an int where the schema wants a float): refused
+        assert not first.store(f"{RUN}_lease", dict(lease(), time=1), expiration + 1, subkey=mine)
+        seen = second.get(f"{RUN}_lease", latest=True).value
+        assert list(seen) == [mine] and seen[mine].value["claims"] == [dict(e=0, i=1, t=1.5)]
+    finally:
+        second.shutdown()
+
+
+def test_validators_are_added_to_a_plain_dht():
+    plain = hivemind.DHT(start=True)
+    try:
+        key = ensure_run_validators(plain, RUN)
+        assert key == signing_key(plain) and key.startswith(b"[owner:")
+        assert ensure_run_validators(plain, RUN) == key  # idempotent
+        assert plain.store(f"{RUN}_lease", lease(), get_dht_time() + 30, subkey=key)
+        assert not plain.store(f"{RUN}_lease", {"claims": "all"}, get_dht_time() + 31, subkey=key)
+    finally:
+        plain.shutdown()
+
+
+@pytest.mark.parametrize(
+    "address", ["127.0.0.1:31337", "/ip4/127.0.0.1/tcp/31337", "/dns/peer/tcp/1/p2p/not-a-peer-id"]
+)
+def test_malformed_initial_peer_is_one_clear_error(address):
+    with pytest.raises(PeerError, match=r"is not a full multiaddr: expected /ip4/HOST/tcp/PORT/p2p/PEER_ID"):
+        make_dht(initial_peers=[address])
+
+
+def test_unreachable_initial_peers_are_retried_then_explained(caplog):
+    gone = make_dht()
+    address = visible_addresses(gone)[0]
+    gone.shutdown()
+    caplog.set_level(logging.WARNING, logger="hivetrain.dht")
+    with pytest.raises(PeerError, match="could not reach any initial peer") as info:
+        make_dht(initial_peers=[address], tries=2, retry_delay_s=0.1)
+    assert address in str(info.value) and "\n" not in str(info.value)
+    assert "try 1 of 2" in caplog.text
+
+
+def test_clock_skew_is_refused_with_the_fix(first, monkeypatch):
+    real = hivemind.dht.protocol.get_dht_time
+    monkeypatch.setattr(hivemind.dht.protocol, "get_dht_time", lambda: real() + 30.0)
+    with pytest.raises(PeerError, match=r"clock differs .* by more than 3 s .*synchronize the clock"):
+        make_dht(initial_peers=visible_addresses(first), tries=1)
+
+
+def test_clock_offset_estimates():
+    assert clock_offset(100.0, now=100.0, max_age=10) is None
+    assert clock_offset(95.0, now=100.0, max_age=10) is None
+    assert clock_offset(110.0, now=100.0, max_age=10) == pytest.approx(10.0)
+    assert clock_offset(80.0, now=100.0, max_age=10) == pytest.approx(-10.0)
