@@ -134,6 +134,8 @@ read_shards = wds.pipelinefilter(_read_shards)
 
 def _describe(exn: Exception) -> str:
     """An exception as one line, without the stream objects webdataset appends to its arguments."""
+    if isinstance(exn, OSError) and exn.strerror:
+        return f"{type(exn).__name__}: {exn.strerror}"
     first = str(exn.args[0]).split(" @ <", 1)[0] if exn.args else ""
     return f"{type(exn).__name__}: {first}" if first else type(exn).__name__
 
