@@ -6,6 +6,9 @@ named in the package docstring.
 
 from __future__ import annotations
 
+import signal
+from pathlib import Path
+
 import click
 
 from . import __version__
@@ -32,6 +35,207 @@ def cli(verbose: int, quiet: int) -> None:
 
 
 # ---- transport: serve, fetch, torrent, seed -----------------------------------------------------
+# Imports are local so that `shardtool build` never loads libtorrent or the HTTP stack.
+
+
+def _until_stopped(tick=None, interval: float = 1.0) -> None:
+    """Block until Ctrl-C or SIGTERM, calling `tick()` every `interval` seconds."""
+    import threading
+
+    stop = threading.Event()
+    previous = {sig: signal.signal(sig, lambda *_: stop.set()) for sig in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        while not stop.wait(interval):
+            if tick:
+                tick()
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+
+
+def _torrent_options(listen, dht, lsd, upnp, trackers, peers, **kw):
+    from .transport.torrent import TorrentOptions, parse_hostport
+
+    parse_hostport(listen, "--listen")
+    for peer in peers:
+        parse_hostport(peer, "--peer")
+    return TorrentOptions(
+        listen=listen, dht=dht, lsd=lsd, port_mapping=upnp, trackers=tuple(trackers), peers=tuple(peers), **kw
+    )
+
+
+_swarm_options = [
+    click.option(
+        "--peer", "peers", multiple=True, metavar="HOST:PORT", help="A BitTorrent peer to connect to."
+    ),
+    click.option("--tracker", "trackers", multiple=True, metavar="URL", help="Extra tracker announce URL."),
+    click.option("--dht/--no-dht", default=False, show_default=True, help="Find peers through the DHT."),
+    click.option("--lsd/--no-lsd", default=False, show_default=True, help="Local peer discovery."),
+    click.option("--upnp/--no-upnp", default=False, show_default=True, help="Map the port (UPnP, NAT-PMP)."),
+]
+
+
+def _with_swarm_options(f):
+    for option in reversed(_swarm_options):
+        f = option(f)
+    return f
+
+
+@cli.command()
+@click.argument("directory", metavar="DIR", type=click.Path(file_okay=False, path_type=Path))
+@click.option("--host", default="127.0.0.1", show_default=True, help="Address to listen on (0.0.0.0: all).")
+@click.option(
+    "--port", default=8080, show_default=True, type=click.IntRange(0, 65535), help="0: any free port."
+)
+def serve(directory, host, port):
+    """Serve DIR's manifest, shards and torrents over HTTP until Ctrl-C.
+
+    Range and HEAD requests; each shard also at /<torrent name>/<shard>, where BitTorrent clients look
+    for web seeds. Prints the base URL to hand out.
+    """
+    from .transport.serve import ShardServer
+
+    with ShardServer(directory, host, port) as server:
+        click.echo(server.url, nl=True)
+        click.echo(f"fetch with: shardtool fetch {server.url}manifest.json --out DIR", err=True)
+        _until_stopped()
+
+
+@cli.command()
+@click.argument("manifest_path", metavar="MANIFEST")
+@click.option(
+    "--out", "-o", required=True, type=click.Path(file_okay=False, path_type=Path), help="Shard folder."
+)
+@click.option("--via", type=click.Choice(["auto", "http", "torrent"]), default="auto", show_default=True)
+@click.option("--from", "mirrors", multiple=True, metavar="URL", help="Extra HTTP mirror (base URL).")
+@click.option("--split", "splits", multiple=True, help="Only this split (repeatable) [all].")
+@click.option("--shards", "spec", metavar="SPEC", help="Subset: 0-99,120 | train-000007.tar | K/N [all].")
+@click.option(
+    "--jobs", "-j", default=4, show_default=True, type=click.IntRange(1, 256), help="Parallel downloads."
+)
+@click.option("--recheck", is_flag=True, help="Hash shards already present instead of trusting their size.")
+@click.option("--timeout", default=30.0, show_default=True, help="HTTP connect/read timeout, seconds.")
+@click.option("--retries", default=4, show_default=True, type=click.IntRange(0, 100), help="Per mirror.")
+@click.option(
+    "--stall-timeout", default=60.0, show_default=True, help="Give up on the swarm after this long idle."
+)
+@click.option(
+    "--listen", default="127.0.0.1:0", show_default=True, metavar="HOST:PORT", help="BitTorrent port."
+)
+@_with_swarm_options
+@click.option("--progress/--no-progress", default=None, help="Progress bar on stderr [when a terminal].")
+@click.option("--json", "as_json", is_flag=True, help="Print the summary as JSON.")
+def fetch(manifest_path, out, via, mirrors, splits, spec, jobs, recheck, timeout, retries, stall_timeout, listen,
+          peers, trackers, dht, lsd, upnp, progress, as_json):  # fmt: skip
+    """Fetch a manifest's shards into --out, each verified by sha256; exit 0 only if all are there.
+
+    MANIFEST is a path or an http(s) URL. Sources: the manifest's HTTP mirrors and --from, and its
+    torrents (auto: the swarm with the mirrors as web seeds, then HTTP for anything left).
+    """
+    import json
+
+    from .errors import FetchError
+    from .manifest import load
+    from .transport.fetch import FetchOptions, fetch_shards, prepare_destination, select_shards
+    from .transport.http import HttpOptions
+
+    manifest = load(manifest_path, timeout=timeout)
+    chosen_splits = list(splits) or list(manifest.splits)
+    pool = [(split, shard) for split in chosen_splits for _, shard in manifest.shards(split)]
+    names = {shard.name for shard in select_shards([s for _, s in pool], spec)}
+    selection: dict = {}
+    for split, shard in pool:
+        if shard.name in names:
+            selection.setdefault(split, []).append(shard)
+    torrent = None
+    if via != "http":
+        torrent = _torrent_options(listen, dht, lsd, upnp, trackers, peers, stall_timeout=stall_timeout)
+    options = FetchOptions(
+        via=via,
+        mirrors=tuple(mirrors),
+        jobs=jobs,
+        recheck=recheck,
+        progress=progress,
+        http=HttpOptions(timeout=timeout, retries=retries),
+        torrent=torrent,
+    )
+    prepare_destination(manifest, out)
+    summary = fetch_shards(manifest, selection, out, options)
+    click.echo(json.dumps(summary.to_dict(), indent=1) if as_json else summary.text())
+    if not summary.ok:
+        first = next(iter(summary.failed.items()))
+        raise FetchError(
+            f"{len(summary.failed)} of {summary.requested} shards not fetched ({first[0]}: {first[1]})"
+        )
+
+
+@cli.command()
+@click.argument("manifest_path", metavar="MANIFEST")
+@click.option("--split", "splits", multiple=True, help="Only this split (repeatable) [all].")
+@click.option("--web-seed", "web_seeds", multiple=True, metavar="URL", help="HTTP mirror base URL (BEP 19).")
+@click.option("--tracker", "trackers", multiple=True, metavar="URL", help="Tracker announce URL.")
+def torrent(manifest_path, splits, web_seeds, trackers):
+    """Create each split's torrent beside MANIFEST and record it (info-hash, magnet, file) there.
+
+    Deterministic: the same shards give the same info-hash on any machine (v1, sorted files, fixed
+    piece-size rule, no creation date).
+    """
+    from .transport.torrent import write_torrents
+
+    for split, info in write_torrents(
+        manifest_path, splits=splits, web_seeds=web_seeds, trackers=trackers
+    ).items():
+        click.echo(f"{split}\t{info.infohash}\t{info.file}\t{info.magnet}")
+
+
+@cli.command()
+@click.argument("manifest_path", metavar="MANIFEST")
+@click.option(
+    "--dir", "directory", type=click.Path(file_okay=False, path_type=Path), help="Shard folder [MANIFEST's]."
+)
+@click.option("--split", "splits", multiple=True, help="Only this split (repeatable) [all with a torrent].")
+@click.option("--listen", default="127.0.0.1:6881", show_default=True, metavar="HOST:PORT",
+              help="Where peers connect (0.0.0.0:6881 for the internet).")  # fmt: skip
+@_with_swarm_options
+def seed(manifest_path, directory, splits, listen, peers, trackers, dht, lsd, upnp):
+    """Check the local shards and seed them until Ctrl-C, with a live status line."""
+    import sys
+
+    from .manifest import human_bytes, load
+    from .transport.seed import Seeder
+
+    manifest = load(manifest_path)
+    directory = directory or manifest.base_dir
+    if directory is None:
+        raise ShardtoolError(f"{manifest_path}: a manifest fetched by URL needs --dir (the shard folder)")
+    options = _torrent_options(listen, dht, lsd, upnp, trackers, peers)
+    seeder = Seeder(manifest, directory, options, splits=splits)
+    try:
+        seeder.start()
+        for split, magnet in seeder.magnets.items():
+            click.echo(f"{split} {magnet}")
+        click.echo(f"listening on {seeder.address} (peers can add it with --peer {seeder.address})")
+        last_line = [0.0]
+
+        def tick():
+            import time
+
+            seeder.poll()
+            st = seeder.status()
+            line = (
+                f"seeding: {st.peers} peers, up {human_bytes(st.upload_rate)}/s, "
+                f"uploaded {human_bytes(st.uploaded)}, ratio {st.ratio:.2f}"
+            )
+            if sys.stderr.isatty():
+                click.echo(f"\r{line}\033[K", err=True, nl=False)
+            elif time.monotonic() - last_line[0] > 30:
+                last_line[0] = time.monotonic()
+                click.echo(line, err=True)
+
+        _until_stopped(tick)
+    finally:
+        seeder.close()
+    click.echo("stopped", err=True)
 
 
 def main() -> None:
