@@ -1,0 +1,354 @@
+"""ShardAssigner over real hivemind DHTs on 127.0.0.1: the six properties of dividing shards among peers.
+
+A fake consumer stands in for the model: it claims shards (optionally a few ahead, as the data plane
+prefetches), "reads" each for a set time and completes it. Coverage is checked from the peers' own
+`shards.jsonl` logs. Run as `python -m tests.test_assign_dht peer ...` this module is also the peer that
+one test kills with SIGKILL.
+"""
+
+from __future__ import annotations
+
+import argparse
+import collections
+import json
+import logging
+import os
+import queue
+import signal
+import sys
+import threading
+import time
+from pathlib import Path
+
+import pytest
+from hivemind.utils import get_dht_time
+from hivemind.utils.crypto import RSAPrivateKey
+
+from hivetrain.assign import LeaseTiming, ShardAssigner, shard_order
+from hivetrain.dht import ensure_run_validators, make_dht, signing_key, visible_addresses
+from tests.util import REPO, wait_until
+
+FAST = LeaseTiming(settle_s=0.05, poll_s=0.05, request_timeout_s=5)
+
+
+def names(n: int) -> list[str]:
+    return [f"train-{i:06d}.tar" for i in range(n)]
+
+
+def consume(assigner: ShardAssigner, read_s: float, *, prefetch: int = 1, claims_log: Path | None = None):
+    """The fake model: keep up to `prefetch` claims, read each for `read_s`, complete it; until None."""
+    slots, claims = threading.Semaphore(prefetch), queue.Queue()
+
+    def claimer():
+        while True:
+            slots.acquire()
+            claim = assigner.next_claim(timeout=60)
+            if claim is not None and claims_log is not None:
+                with claims_log.open("a") as f:
+                    f.write(json.dumps(dict(epoch=claim.epoch, shard=claim.shard, t=time.time())) + "\n")
+            claims.put(claim)
+            if claim is None:
+                return
+
+    thread = threading.Thread(target=claimer, daemon=True)
+    thread.start()
+    done = []
+    while (claim := claims.get()) is not None:
+        time.sleep(read_s)  # stands for reading the shard
+        assigner.complete(claim, samples=1)
+        done.append(claim)
+        slots.release()
+    thread.join()
+    return done
+
+
+def in_threads(*jobs):
+    """Run callables in threads; re-raise the first failure."""
+    errors = []
+
+    def wrap(job):
+        try:
+            job()
+        except BaseException as e:
+            errors.append(e)
+
+    threads = [threading.Thread(target=wrap, args=(job,)) for job in jobs]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=120)
+    if errors:
+        raise errors[0]
+
+
+def read_logs(*dirs: Path) -> list[dict]:
+    lines = []
+    for d in dirs:
+        path = d / "shards.jsonl"
+        if path.exists():
+            lines += [json.loads(line) for line in path.read_text().splitlines()]
+    return lines
+
+
+def reads_per_shard(lines):
+    return collections.Counter((x["epoch"], x["shard"]) for x in lines)
+
+
+@pytest.fixture(scope="module")
+def swarm():
+    """Four DHT peers on loopback, each with its own signing key, shared by the tests of this module."""
+    first = make_dht(private_key=RSAPrivateKey())
+    peers = [first] + [
+        make_dht(private_key=RSAPrivateKey(), initial_peers=visible_addresses(first)) for _ in range(3)
+    ]
+    yield peers
+    for dht in peers:
+        dht.shutdown()
+
+
+@pytest.fixture
+def run_id(request, swarm):
+    """A fresh run per test; every swarm node validates its records, as peers of one run do."""
+    run = f"t{os.getpid()}_{request.node.name}"
+    for dht in swarm:
+        ensure_run_validators(dht, run)
+    return run
+
+
+def test_stable_peers_read_each_shard_once_per_epoch_in_the_agreed_order(swarm, run_id, tmp_path):
+    shards, peers = names(30), swarm[:3]
+    assigners = [
+        ShardAssigner(
+            shards, dht=d, run_id=run_id, lease_s=5, max_epochs=2, log_dir=tmp_path / str(k), timing=FAST
+        )
+        for k, d in enumerate(peers)
+    ]
+    in_threads(*(lambda a=a: consume(a, 0.02, prefetch=2) for a in assigners))
+    lines = read_logs(*(tmp_path / str(k) for k in range(3)))
+    assert reads_per_shard(lines) == {(e, s): 1 for e in (0, 1) for s in shards}
+    per_peer = collections.Counter(x["peer"] for x in lines)
+    assert len(per_peer) == 3 and min(per_peer.values()) >= 5, per_peer
+    assert all(a.epoch == 2 and a.next_claim(timeout=1) is None for a in assigners)
+    for epoch in (0, 1):
+        # claims follow the epoch's seeded order, up to the random spread among the first free shards
+        order = shard_order(run_id, 0, epoch, len(shards))
+        claimed = [x["shard"] for x in sorted(lines, key=lambda x: x["start"]) if x["epoch"] == epoch]
+        lag = max(order.index(shards.index(name)) - rank for rank, name in enumerate(claimed))
+        assert lag <= 12, (epoch, lag)
+    assert shard_order(run_id, 0, 0, 30) != shard_order(run_id, 0, 1, 30)
+    for a in assigners:
+        a.close()
+
+
+def test_killed_peer_loses_nothing(swarm, run_id, tmp_path, children):
+    shards, lease_s = names(24), 2.0
+    dead_dir = tmp_path / "dead"
+    peer = children.start(
+        sys.executable,
+        "-m",
+        "tests.test_assign_dht",
+        "peer",
+        "--initial-peer",
+        visible_addresses(swarm[0])[0],
+        "--run-id",
+        run_id,
+        "--shards",
+        "24",
+        "--lease",
+        str(lease_s),
+        "--read",
+        "0.3",
+        "--prefetch",
+        "2",
+        "--log-dir",
+        str(dead_dir),
+        cwd=REPO,
+    )
+    # let it finish a few shards and hold two more, then kill it without warning
+    wait_until(lambda: len(read_logs(dead_dir)) >= 2, timeout=60, what="the doomed peer to finish 2 shards")
+    peer.send_signal(signal.SIGKILL)
+    killed_at = time.time()
+    peer.wait(timeout=10)
+    finished = {x["shard"] for x in read_logs(dead_dir)}
+    claimed = {json.loads(line)["shard"] for line in (dead_dir / "claims.jsonl").read_text().splitlines()}
+    in_flight = claimed - finished
+    assert in_flight, "the killed peer held no claims"
+
+    survivors = [
+        ShardAssigner(
+            shards,
+            dht=d,
+            run_id=run_id,
+            lease_s=lease_s,
+            max_epochs=1,
+            log_dir=tmp_path / str(k),
+            timing=FAST,
+        )
+        for k, d in enumerate(swarm[:2])
+    ]
+    in_threads(*(lambda a=a: consume(a, 0.05) for a in survivors))
+    lines = read_logs(dead_dir, tmp_path / "0", tmp_path / "1")
+    counts = reads_per_shard(lines)
+    assert set(counts) == {(0, s) for s in shards}  # nothing lost
+    assert sum(counts.values()) - len(shards) <= len(in_flight)  # duplicates bounded by shards in flight
+    taken_over = [x for x in read_logs(tmp_path / "0", tmp_path / "1") if x["shard"] in in_flight]
+    assert {x["shard"] for x in taken_over} == in_flight
+    assert max(x["start"] for x in taken_over) <= killed_at + lease_s + 3.0  # once its lease ran out
+    for a in survivors:
+        a.close()
+
+
+def test_peer_joining_mid_run_gets_work_at_the_current_epoch(swarm, run_id, tmp_path):
+    shards = names(24)
+    early = [
+        ShardAssigner(
+            shards, dht=d, run_id=run_id, lease_s=5, max_epochs=3, log_dir=tmp_path / str(k), timing=FAST
+        )
+        for k, d in enumerate(swarm[:2])
+    ]
+    joined = {}
+
+    def join():
+        wait_until(
+            lambda: sum(x["epoch"] == 1 for x in read_logs(tmp_path / "0", tmp_path / "1")) >= 5,
+            timeout=60,
+            what="epoch 1 to be under way",
+        )
+        dht = make_dht(private_key=RSAPrivateKey(), run_id=run_id, initial_peers=visible_addresses(swarm[2]))
+        try:
+            started = time.monotonic()
+            late = ShardAssigner(
+                shards,
+                dht=dht,
+                run_id=run_id,
+                lease_s=5,
+                max_epochs=3,
+                log_dir=tmp_path / "late",
+                timing=FAST,
+            )
+            first = late.next_claim(timeout=10)
+            joined.update(first=first, wait=time.monotonic() - started, epoch=late.epoch)
+            late.complete(first, samples=1)
+            consume(late, 0.05)
+            late.close()
+        finally:
+            dht.shutdown()
+
+    in_threads(join, *(lambda a=a: consume(a, 0.05) for a in early))
+    assert joined["first"] is not None and joined["wait"] < 3.0, joined
+    assert joined["first"].epoch >= 1 and joined["epoch"] >= 1  # learnt from the DHT, not epoch 0
+    lines = read_logs(tmp_path / "0", tmp_path / "1", tmp_path / "late")
+    assert reads_per_shard(lines) == {(e, s): 1 for e in range(3) for s in shards}
+    assert sum(x["peer"] not in {a.peer_id for a in early} for x in lines) >= 3
+    for a in early:
+        a.close()
+
+
+def test_three_times_faster_peer_reads_about_three_times_more(swarm, run_id, tmp_path):
+    shards = names(40)
+    fast, slow = (
+        ShardAssigner(
+            shards, dht=d, run_id=run_id, lease_s=5, max_epochs=1, log_dir=tmp_path / name, timing=FAST
+        )
+        for name, d in (("fast", swarm[0]), ("slow", swarm[1]))
+    )
+    in_threads(lambda: consume(fast, 0.15, prefetch=2), lambda: consume(slow, 0.45, prefetch=2))
+    n_fast, n_slow = len(read_logs(tmp_path / "fast")), len(read_logs(tmp_path / "slow"))
+    assert n_fast + n_slow == 40
+    assert 2.0 <= n_fast / n_slow <= 4.5, (n_fast, n_slow)
+    fast.close()
+    slow.close()
+
+
+def test_hostile_peer_cannot_erase_forge_or_crash(swarm, run_id, tmp_path):
+    shards, lease_key, done_key = names(16), f"{run_id}_lease", f"{run_id}_done"
+    honest = [
+        ShardAssigner(
+            shards, dht=d, run_id=run_id, lease_s=5, max_epochs=1, log_dir=tmp_path / str(k), timing=FAST
+        )
+        for k, d in enumerate(swarm[:2])
+    ]
+    held = {a.next_claim(timeout=10): a for a in honest for _ in range(2)}
+    victim = signing_key(swarm[0])
+    # the hostile peer signs with its own key but validates nothing, so its own node keeps whatever it sends
+    hostile = make_dht(private_key=RSAPrivateKey(), initial_peers=visible_addresses(swarm[3]))
+    try:
+        own, later = signing_key(hostile), get_dht_time() + 3600
+        empty = dict(peer="x", fp="f", time=get_dht_time(), claims=[])
+        hostile.store(lease_key, empty, later, subkey=victim)  # erase the victim's claims: unsigned
+        hostile.store(done_key, dict(peer="x", fp="f", time=1.0, complete=5, done=[]), later, subkey=victim)
+        hostile.store(lease_key, b"\x00garbage", later, subkey=own)  # wrong shape
+        hostile.store(lease_key, {"claims": "all of them"}, later, subkey=b"no owner")
+        # well-formed and signed but nonsense: another shard list, indices that do not exist
+        fp = honest[0]._fp
+        nonsense = dict(peer="x", fp=fp, time=get_dht_time(), claims=[dict(e=0, i=999, t=get_dht_time())])
+        hostile.store(lease_key, nonsense, get_dht_time() + 60, subkey=own)
+        bogus_done = dict(
+            peer="x", fp="0" * 16, time=get_dht_time(), complete=-1, done=[dict(e=0, shards=[0, 1])]
+        )
+        hostile.store(done_key, bogus_done, later, subkey=own)
+
+        for a in honest:
+            state = a.epoch_state()
+            for claim, owner in held.items():
+                assert state[claim.shard] == {"state": "claimed", "holder": owner.peer_id}
+            assert a.malformed == 2  # the signed nonsense; the rest never got past the DHT's validators
+        for claim, owner in held.items():
+            owner.complete(claim, samples=1)
+        in_threads(*(lambda a=a: consume(a, 0.02) for a in honest))
+    finally:
+        hostile.shutdown()
+    lines = read_logs(tmp_path / "0", tmp_path / "1")
+    assert reads_per_shard(lines) == {(0, s): 1 for s in shards}
+    for a in honest:
+        a.close()
+
+
+def test_alone_then_unreachable_dht_still_covers_every_shard(tmp_path, caplog):
+    caplog.set_level(logging.INFO, logger="hivetrain.assign")
+    shards = names(12)
+    dht = make_dht(run_id="alone", private_key=RSAPrivateKey())
+    assigner = ShardAssigner(
+        shards, dht=dht, run_id="alone", lease_s=5, max_epochs=1, log_dir=tmp_path, timing=FAST
+    )
+    try:
+        assert assigner.single_peer
+        assert "no other peer of this run is visible: reading every shard alone" in caplog.text
+        for _ in range(4):
+            assigner.complete(assigner.next_claim(timeout=5), samples=1)
+        dht.shutdown()  # the DHT goes away under the assigner
+        consume(assigner, 0.0)
+    finally:
+        assigner.close()
+        dht.shutdown()
+    assert "the DHT is unreachable" in caplog.text and assigner.single_peer
+    assert reads_per_shard(read_logs(tmp_path)) == {(0, s): 1 for s in shards}
+
+
+def _peer_main(argv: list[str]) -> None:
+    """A peer in its own process (the one test_killed_peer_loses_nothing kills)."""
+    parser = argparse.ArgumentParser()
+    parser.add_argument("peer")
+    parser.add_argument("--initial-peer", required=True)
+    parser.add_argument("--run-id", required=True)
+    parser.add_argument("--shards", type=int, required=True)
+    parser.add_argument("--lease", type=float, required=True)
+    parser.add_argument("--read", type=float, required=True)
+    parser.add_argument("--prefetch", type=int, default=1)
+    parser.add_argument("--log-dir", type=Path, required=True)
+    args = parser.parse_args(argv)
+    dht = make_dht(run_id=args.run_id, initial_peers=[args.initial_peer])
+    assigner = ShardAssigner(
+        names(args.shards),
+        dht=dht,
+        run_id=args.run_id,
+        lease_s=args.lease,
+        max_epochs=1,
+        log_dir=args.log_dir,
+        timing=FAST,
+    )
+    consume(assigner, args.read, prefetch=args.prefetch, claims_log=args.log_dir / "claims.jsonl")
+
+
+if __name__ == "__main__":
+    _peer_main(sys.argv[1:])
