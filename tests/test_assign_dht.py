@@ -166,7 +166,7 @@ def test_killed_peer_loses_nothing(swarm, run_id, tmp_path, children):
     )
     # let it finish a few shards and hold two more, then kill it without warning
     wait_until(lambda: len(read_logs(dead_dir)) >= 2, timeout=60, what="the doomed peer to finish 2 shards")
-    peer.send_signal(signal.SIGKILL)
+    os.killpg(peer.pid, signal.SIGKILL)  # the whole peer: its DHT process and p2p daemon too
     killed_at = time.time()
     peer.wait(timeout=10)
     finished = {x["shard"] for x in read_logs(dead_dir)}
