@@ -6,6 +6,7 @@ named in the package docstring.
 
 from __future__ import annotations
 
+import contextlib
 import signal
 from pathlib import Path
 
@@ -32,6 +33,216 @@ def cli(verbose: int, quiet: int) -> None:
 
 
 # ---- build and inspect: build, synth, verify, info ----------------------------------------------
+
+_LAYOUTS = ("imagenet", "imagenet-archives", "tiny-imagenet", "cifar10", "folder")
+
+
+@cli.command()
+@click.argument("src", type=click.Path(file_okay=False, path_type=Path))
+@click.option(
+    "--out", "-o", required=True, type=click.Path(file_okay=False, path_type=Path), help="Output folder."
+)
+@click.option("--layout", type=click.Choice(_LAYOUTS), help="Force a layout instead of detecting it.")
+@click.option(
+    "--split", "splits", multiple=True, help="Build only this split (repeatable); 'test' for Tiny-ImageNet."
+)
+@click.option("--seed", default=0, show_default=True, help="Shuffle seed.")
+@click.option(
+    "--shard-size", default="256MB", show_default=True, help="Target shard size (256MB, 1GiB, bytes)."
+)
+@click.option("--max-per-shard", type=click.IntRange(min=1), help="At most this many samples per shard.")
+@click.option(
+    "--workers", "-j", type=click.IntRange(min=0), default=None, help="Check processes [CPUs, max 8]."
+)
+@click.option(
+    "--resize", type=click.IntRange(min=8), help="Re-encode so the shorter side is at most N pixels."
+)
+@click.option(
+    "--quality",
+    type=click.IntRange(1, 100),
+    default=90,
+    show_default=True,
+    help="JPEG quality of re-encodes.",
+)
+@click.option("--limit", type=click.IntRange(min=1), help="Only the first N shuffled samples of each split.")
+@click.option(
+    "--val-labels",
+    type=click.Path(dir_okay=False, path_type=Path),
+    help="One wnid per line, val image order.",
+)
+@click.option("--name", help="Dataset name in the manifest [known dataset, else folder name].")
+@click.option("--strict", is_flag=True, help="Stop at the first bad file instead of skipping it.")
+@click.option("--overwrite", is_flag=True, help="Replace an earlier build in --out.")
+def build(
+    src,
+    out,
+    layout,
+    splits,
+    seed,
+    shard_size,
+    max_per_shard,
+    workers,
+    resize,
+    quality,
+    limit,
+    val_labels,
+    name,
+    strict,
+    overwrite,
+):
+    """Build WebDataset shards and manifest.json from the dataset folder SRC.
+
+    Rerunning the same command after an interruption keeps the finished shards (checked) and writes
+    the rest.
+    """
+    from .build import BuildOptions, parse_size
+    from .build import build as run_build
+    from .images import ImageOptions
+    from .manifest import human_bytes
+    from .sources import SourceOptions
+
+    options = BuildOptions(
+        seed=seed,
+        shard_size=parse_size(shard_size),
+        max_per_shard=max_per_shard,
+        image=ImageOptions(resize=resize, quality=quality),
+        limit=limit,
+        splits=tuple(splits) or None,
+        layout=layout,
+        source=SourceOptions(val_labels=val_labels),
+        name=name,
+        strict=strict,
+        **({} if workers is None else {"workers": workers}),
+    )
+    with _sigterm_as_exit():
+        report = run_build(src, out, options, overwrite=overwrite)
+    total_bytes = sum(s.bytes for s in report.splits)
+    for s in report.splits:
+        extra = f", {s.converted:,} converted" if s.converted else ""
+        resumed = f", {s.resumed_shards} kept from before" if s.resumed_shards else ""
+        click.echo(
+            f"{s.name}: {s.samples:,} samples in {s.shards} shards ({human_bytes(s.bytes)}), "
+            f"{s.skipped:,} skipped{extra}{resumed}",
+            err=True,
+        )
+    samples = sum(s.samples for s in report.splits)
+    rate = f"{samples / report.seconds:,.0f} samples/s, {total_bytes / 1e6 / report.seconds:,.1f} MB/s"
+    click.echo(f"built {report.manifest.dataset} in {report.seconds:.1f} s ({rate})", err=True)
+    if report.manifest.skipped:
+        click.echo(
+            f"{len(report.manifest.skipped)} files skipped: listed with reasons in the manifest", err=True
+        )
+    click.echo(report.manifest.origin)
+
+
+@cli.command()
+@click.argument("out", type=click.Path(file_okay=False, path_type=Path))
+@click.option("--classes", type=click.IntRange(min=1), default=10, show_default=True)
+@click.option("--train-per-class", type=click.IntRange(min=1), default=200, show_default=True)
+@click.option("--val-per-class", type=click.IntRange(min=0), default=50, show_default=True)
+@click.option(
+    "--size", type=click.IntRange(min=16), default=64, show_default=True, help="Image side in pixels."
+)
+@click.option("--seed", default=0, show_default=True)
+def synth(out, classes, train_per_class, val_per_class, size, seed):
+    """Generate a small learnable dataset in the Tiny-ImageNet-200 layout into OUT (offline)."""
+    from .sources.synth import generate
+
+    generate(
+        out,
+        classes=classes,
+        train_per_class=train_per_class,
+        val_per_class=val_per_class,
+        size=size,
+        seed=seed,
+    )
+    total = classes * (train_per_class + val_per_class)
+    click.echo(f"wrote {total:,} images of {classes} classes to {out}", err=True)
+
+
+@cli.command()
+@click.argument("manifest_path", metavar="MANIFEST")
+@click.option("--no-count", is_flag=True, help="Skip counting samples (size and sha256 only).")
+def verify(manifest_path, no_count):
+    """Check every shard beside MANIFEST: size, sha256 and sample count. Exit 1 listing the bad ones."""
+    from .errors import VerifyError
+    from .manifest import human_bytes, load
+    from .verify import verify_manifest
+
+    manifest = load(manifest_path)
+    if manifest.base_dir is None:
+        raise VerifyError(f"{manifest_path}: verify needs a local manifest with its shards beside it")
+    bad = verify_manifest(manifest, count=not no_count)
+    shards = [s for _, s in manifest.shards()]
+    for name, problem in bad:
+        click.echo(f"{manifest.base_dir / name}: {problem}")
+    if bad:
+        raise VerifyError(f"{len(bad)} of {len(shards)} shards failed verification (listed above)")
+    click.echo(f"ok: {len(shards)} shards, {human_bytes(sum(s.size for s in shards))} verified", err=True)
+
+
+@cli.command()
+@click.argument("manifest_path", metavar="MANIFEST")
+@click.option("--json", "as_json", is_flag=True, help="Machine-readable summary.")
+def info(manifest_path, as_json):
+    """Summarise a manifest (file, folder or URL): dataset, classes, splits, sources."""
+    import json
+
+    from .manifest import human_bytes, load
+
+    m = load(manifest_path)
+    summary = {
+        "dataset": m.dataset,
+        "layout": m.layout,
+        "num_classes": m.num_classes,
+        "fingerprint": m.fingerprint(),
+        "splits": {
+            name: {
+                "num_samples": s.num_samples,
+                "num_bytes": s.num_bytes,
+                "num_shards": len(s.shards),
+                "labeled": s.labeled,
+            }
+            for name, s in m.splits.items()
+        },
+        "skipped": len(m.skipped),
+        "build": m.build,
+        "sources": {"http": m.sources.http, "torrents": sorted(m.sources.torrents)},
+    }
+    if as_json:
+        click.echo(json.dumps(summary, indent=1))
+        return
+    examples = ", ".join(f"{c.id} ({c.name})" if c.name != c.id else c.id for c in m.classes[:3])
+    lines = [
+        f"dataset      {m.dataset} (layout {m.layout}, fingerprint {summary['fingerprint']})",
+        f"classes      {m.num_classes}: {examples}{', ...' if m.num_classes > 3 else ''}",
+    ]
+    for name, s in m.splits.items():
+        label = "" if s.labeled else ", unlabeled"
+        lines.append(
+            f"{name:<12} {s.num_samples:,} samples in {len(s.shards)} shards, {human_bytes(s.num_bytes)}{label}"
+        )
+    lines.append(f"skipped      {len(m.skipped)} files")
+    lines.append("build        " + " ".join(f"{k}={v}" for k, v in m.build.items()))
+    if m.sources.http or m.sources.torrents:
+        lines.append(
+            f"sources      http: {len(m.sources.http)}, torrents: {', '.join(sorted(m.sources.torrents)) or 'none'}"
+        )
+    click.echo("\n".join(lines))
+
+
+@contextlib.contextmanager
+def _sigterm_as_exit():
+    """Turn SIGTERM into SystemExit while long work runs, so `finally` blocks clean up temp files."""
+
+    def handler(signum, frame):
+        raise SystemExit(128 + signum)
+
+    previous = signal.signal(signal.SIGTERM, handler)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
 
 
 # ---- transport: serve, fetch, torrent, seed -----------------------------------------------------
