@@ -69,7 +69,7 @@ def select_shards(shards: Sequence[Shard], spec: str | None) -> list[Shard]:
             if lo > hi or hi >= len(shards):
                 raise ShardtoolError(
                     f"--shards {spec}: {item} is not a range within 0-{len(shards) - 1} "
-                    f"({len(shards)} shards selected by the split)"
+                    f"({len(shards)} shards to choose from)"
                 )
             chosen.update(range(lo, hi + 1))
         elif item.endswith(".tar"):
@@ -345,6 +345,9 @@ def _from_swarm(manifest, split, todo, dest, options, urls, summary, bar) -> lis
         reported += n
         bar.update(n)
 
+    web_seeds = []
+    if options.via == "auto":
+        web_seeds = _web_seeds(urls, manifest.sources.torrents[split].name, todo[0], options.http.timeout)
     result = fetch_from_swarm(
         data,
         manifest,
@@ -352,7 +355,7 @@ def _from_swarm(manifest, split, todo, dest, options, urls, summary, bar) -> lis
         todo,
         dest,
         options.torrent or TorrentOptions(),
-        web_seeds=urls if options.via == "auto" else (),
+        web_seeds=web_seeds,
         progress=progress,
         trust_existing=not options.recheck,
         on_shard=done,
@@ -369,6 +372,29 @@ def _from_swarm(manifest, split, todo, dest, options, urls, summary, bar) -> lis
     for s in left:
         log.info("%s: %s; trying HTTP", s.name, result.failed.get(s.name, "not delivered by the swarm"))
     return left
+
+
+def _web_seeds(urls: list[str], name: str, shard: Shard, timeout: float) -> list[str]:
+    """The mirrors that can act as web seeds: they serve `<name>/<shard>` and honour Range.
+
+    libtorrent stalls silently on a server that ignores Range, and a mirror without the torrent's
+    folder layout only produces errors; such mirrors are left to the plain HTTP round.
+    """
+    import httpx
+
+    usable = []
+    with httpx.Client(timeout=timeout) as client:
+        for url in urls:
+            try:
+                resp = client.get(f"{url}{name}/{shard.name}", headers={"Range": "bytes=0-0"})
+                ok = resp.status_code == 206 and len(resp.content) == 1
+            except httpx.HTTPError:
+                ok = False
+            if ok:
+                usable.append(url)
+            else:
+                log.info("%s: not used as a web seed (no %s/%s with Range support)", url, name, shard.name)
+    return usable
 
 
 def _from_http(todo, dest, options, urls, summary, bar) -> None:

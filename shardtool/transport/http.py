@@ -260,7 +260,12 @@ class HttpFetcher:
             raise FetchError(f"{shard.name}: no source gave good bytes ({'; '.join(problems)})")
 
     def _download(self, url: str, shard: Shard, partial: _Partial) -> None:
-        """Complete `partial` from one mirror, retrying transient failures; verify it at the end."""
+        """Complete `partial` from one mirror, retrying transient failures; verify it at the end.
+
+        A hash mismatch after resuming a prefix left by an earlier attempt may be that prefix's fault,
+        so the mirror gets one more try with the whole file before it is blamed.
+        """
+        inherited = partial.size
         failures = 0
         while True:
             before = partial.size
@@ -276,11 +281,13 @@ class HttpFetcher:
                 log.info("%s: %s; retrying in %.1f s from byte %d", url, e, delay, partial.size)
                 time.sleep(delay)
                 continue
-            break
-        if partial.digest.hexdigest() != shard.sha256:
-            resumed = f", resumed at byte {before}" if before else ""
+            if partial.digest.hexdigest() == shard.sha256:
+                return
             partial.restart()
-            raise _SourceFailed(f"sha256 mismatch (expected {shard.sha256[:12]}…{resumed})")
+            if not inherited:
+                raise _SourceFailed(f"sha256 mismatch (expected {shard.sha256[:12]}…)")
+            log.info("%s: sha256 mismatch after resuming at byte %d; fetching the whole file", url, inherited)
+            inherited = 0
 
     def _attempt(self, url: str, shard: Shard, partial: _Partial) -> None:
         """One request: append the rest of the shard to `partial`, or raise."""

@@ -18,8 +18,11 @@ no data has arrived for `TorrentOptions.stall_timeout` seconds.
 
 from __future__ import annotations
 
+import functools
 import logging
+import socket
 import time
+import urllib.parse
 from collections import Counter
 from collections.abc import Callable, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -37,6 +40,7 @@ from .torrent import TorrentOptions, check_torrent, connect_peers, file_indices,
 log = logging.getLogger(__name__)
 
 PRIORITY = 4
+_CHECKING = (lt.torrent_status.checking_files, lt.torrent_status.checking_resume_data)
 
 
 @dataclass
@@ -88,6 +92,7 @@ class _SwarmFetch:
     def __init__(
         self, torrent, manifest, split, wanted, dest, options, web_seeds, progress, on_shard, result
     ):
+        self.torrent = torrent
         self.ti = check_torrent(torrent, manifest, split)
         self.index = file_indices(self.ti)
         self.by_index = {self.index[s.name]: s for s in wanted}
@@ -103,6 +108,9 @@ class _SwarmFetch:
         self.hashing: dict[int, Future] = {}
         self.renaming: set[int] = set()
         self.seed_errors: Counter[str] = Counter()
+        self.dropped: set[str] = set()
+        self.senders: dict[int, set[tuple[str, int]]] = {}
+        self.all_seeds: set[str] = set()
         self.reported = 0
         self.wanted_bytes = sum(s.size for s in wanted)
         self.last_data = time.monotonic()
@@ -125,8 +133,16 @@ class _SwarmFetch:
         session = open_session(self.options)
         pool = ThreadPoolExecutor(2, "shard-verify")
         try:
+            if self.web_seeds or lt.bdecode(self.torrent).get(b"url-list"):
+                # per-block senders, to tell which web seed sent a bad piece
+                mask = session.get_settings()["alert_mask"] | lt.alert_category.block_progress
+                session.apply_settings({"alert_mask": mask})
             self.handle = session.add_torrent(self._params())
             connect_peers(self.handle, self.options.peers)
+            self.all_seeds = set(self.handle.url_seeds())
+            self.peer_sources = bool(
+                self.options.peers or self.options.trackers or self.options.dht or self.options.lsd
+            ) or bool(self.handle.trackers())
             while self.remaining:
                 session.wait_for_alert(200)
                 for alert in session.pop_alerts():
@@ -173,14 +189,13 @@ class _SwarmFetch:
                 self.renaming.discard(alert.index)
                 self._fail(alert.index, f"could not rename into place ({alert.error.message()})")
         elif isinstance(alert, lt.url_seed_alert):
-            self._web_seed_trouble(alert.server_url, alert.error_message or alert.message())
+            self._web_seed_error(alert.server_url(), alert.error_message() or alert.message())
+        elif isinstance(alert, lt.block_finished_alert):
+            self.senders.setdefault(alert.piece_index, set()).add(tuple(alert.endpoint))
+        elif isinstance(alert, lt.piece_finished_alert):
+            self.senders.pop(alert.piece_index, None)
         elif isinstance(alert, lt.hash_failed_alert):
-            log.info("piece %d failed its hash check", alert.piece_index)
-            for peer in self.handle.get_peer_info():
-                if peer.connection_type == lt.peer_info.web_seed and peer.downloading_piece_index == -1:
-                    continue
-            for url in self.handle.url_seeds():
-                self._web_seed_trouble(url, f"piece {alert.piece_index} failed its hash check")
+            self._blame(alert.piece_index)
         elif isinstance(alert, lt.torrent_error_alert | lt.file_error_alert):
             message = alert.message()
             log.warning("%s", message)
@@ -189,16 +204,38 @@ class _SwarmFetch:
         elif alert.category() & lt.alert_category.error:
             log.debug("%s", alert.message())
 
-    def _web_seed_trouble(self, url: str, what: str) -> None:
+    def _blame(self, piece: int) -> None:
+        """A piece failed its hash: count it against the web seeds that sent its blocks.
+
+        libtorrent bans BitTorrent peers that send bad data, but retries a bad web seed forever.
+        """
+        senders = self.senders.pop(piece, set())
+        log.info("piece %d failed its hash check (sent by %s)", piece, sorted(senders) or "unknown")
+        for url in self.handle.url_seeds():
+            if _endpoints(url) & senders:
+                self._web_seed_error(url, f"piece {piece} failed its hash check")
+
+    def _web_seed_error(self, url: str, what: str) -> None:
+        """Count a web seed's errors; past the cap, drop it (libtorrent would retry it forever)."""
         self.seed_errors[url] += 1
         log.info("web seed %s: %s", url, what)
-        if self.seed_errors[url] == self.options.web_seed_failures:
+        if self.seed_errors[url] == self.options.web_seed_failures and url in self.handle.url_seeds():
             self.handle.remove_url_seed(url)
-            problem = (
-                f"web seed {url}: dropped after {self.options.web_seed_failures} failures (last: {what})"
-            )
-            log.warning("%s", problem)
-            self.result.problems.append(problem)
+            self._report_dropped(url, f"{self.options.web_seed_failures} errors, the last: {what}")
+
+    def _report_dropped(self, url: str, why: str) -> None:
+        if url in self.dropped:
+            return
+        self.dropped.add(url)
+        problem = f"web seed {url}: dropped ({why})"
+        log.warning("%s", problem)
+        self.result.problems.append(problem)
+
+    def _check_web_seeds(self) -> None:
+        """libtorrent sometimes drops a web seed itself (bad data from it alone): report that too."""
+        current = set(self.handle.url_seeds())
+        for url in self.all_seeds - current:
+            self._report_dropped(url, "libtorrent banned it after data that failed the piece hashes")
 
     def _queue_complete_files(self) -> None:
         """Files that a re-check found complete (an earlier, interrupted fetch)."""
@@ -258,19 +295,35 @@ class _SwarmFetch:
         status = self.handle.status()
         now = time.monotonic()
         done = min(status.total_wanted_done, self.wanted_bytes)
-        if done != self.last_done or status.state in (
-            lt.torrent_status.checking_files,
-            lt.torrent_status.checking_resume_data,
-        ):
+        if done != self.last_done or status.state in _CHECKING:
             self.last_data = now
         if self.progress and done > self.reported:
             self.progress(done - self.reported)
             self.reported = done
         self.last_done = done
-        if now - self.last_data > self.options.stall_timeout and not self.hashing and not self.renaming:
+        self._check_web_seeds()
+        if self.hashing or self.renaming or status.state in _CHECKING:
+            return
+        if not self.peer_sources and not self.handle.url_seeds():
+            reason = "no source left (no peers, trackers or DHT, and every web seed was dropped)"
+        elif now - self.last_data > self.options.stall_timeout:
             reason = (
                 f"no data from the swarm for {self.options.stall_timeout:.0f} s "
                 f"({status.num_peers} peers, {len(self.handle.url_seeds())} web seeds)"
             )
-            for i in list(self.remaining):
-                self._fail(i, reason)
+        else:
+            return
+        for i in list(self.remaining):
+            self._fail(i, reason)
+
+
+@functools.cache
+def _endpoints(url: str) -> frozenset[tuple[str, int]]:
+    """The (ip, port) pairs a web seed URL connects to, to match libtorrent's per-block senders."""
+    parts = urllib.parse.urlsplit(url)
+    port = parts.port or (443 if parts.scheme == "https" else 80)
+    try:
+        infos = socket.getaddrinfo(parts.hostname, port, proto=socket.IPPROTO_TCP)
+    except OSError:
+        return frozenset()
+    return frozenset((info[4][0], port) for info in infos)

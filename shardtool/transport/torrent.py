@@ -64,7 +64,7 @@ class TorrentOptions:
     peers: tuple[str, ...] = ()
     utp: bool | None = None
     stall_timeout: float = 60.0
-    web_seed_failures: int = 5
+    web_seed_failures: int = 3
 
 
 def parse_hostport(text: str, what: str = "address") -> tuple[str, int]:
@@ -103,6 +103,7 @@ def session_settings(options: TorrentOptions, *, seeding: bool = False) -> dict:
             "announce_to_all_tiers": True,
             "user_agent": f"shardtool/{__version__} libtorrent/{lt.__version__}",
             "urlseed_wait_retry": 5,
+            "alert_queue_size": 100_000,
             "alert_mask": (
                 lt.alert_category.error
                 | lt.alert_category.status
