@@ -4,6 +4,8 @@ The transforms follow torchvision's classification reference (`references/classi
 PIL backend): train = RandomResizedCrop + RandomHorizontalFlip, eval = Resize(size * 256/224) +
 CenterCrop, both then PILToTensor/ToImage, ToDtype(float32, scale) and Normalize. CIFAR-10 uses its own
 classic recipe instead: pad 4 + RandomCrop 32 + flip for training, no geometry for evaluation.
+The loader runs the geometry per image and the dtype conversion + normalisation once per batch, fused
+(`Recipe.normalize`): the same arithmetic, at a quarter of the per-image cost and of the bytes moved.
 
 Sizes come from the dataset definitions (`shardtool.datasets.known_datasets()`): 224 for ImageNet-1k,
 64 for Tiny-ImageNet-200, 32 for CIFAR-10; other datasets need an explicit size.
@@ -75,33 +77,44 @@ class Recipe:
             return None
         return 2 * self.size if train else self.resize_size
 
+    def geometry(self, *, train: bool) -> v2.Compose:
+        """The recipe's crops and flips; works on PIL images and on uint8 CHW tensors on any device."""
+        if self.style == "cifar":
+            steps = [v2.RandomCrop(self.size, padding=4), v2.RandomHorizontalFlip()] if train else []
+        elif train:
+            steps = [v2.RandomResizedCrop(self.size, antialias=True), v2.RandomHorizontalFlip()]
+        else:
+            steps = [v2.Resize(self.resize_size, antialias=True), v2.CenterCrop(self.size)]
+        return v2.Compose(steps or [v2.Identity()])
+
+    def image_transform(self, *, train: bool) -> v2.Compose:
+        """Per image, as the loader workers run it: PIL RGB image -> geometry -> uint8 CHW tensor.
+
+        The float conversion and normalisation happen once per batch (`normalize`), after the batch has
+        crossed from the worker (4x fewer bytes) and, with a GPU, on the GPU.
+        """
+        return v2.Compose([self.geometry(train=train), v2.ToImage(), v2.ToPureTensor()])
+
+    def normalize(self, images: torch.Tensor) -> torch.Tensor:
+        """uint8 [N, 3, H, W] -> float32, (x / 255 - mean) / std, fused into one scale and shift."""
+        std = torch.tensor(self.std, device=images.device).view(1, 3, 1, 1)
+        mean = torch.tensor(self.mean, device=images.device).view(1, 3, 1, 1)
+        return images.float().mul_(1 / (255 * std)).sub_(mean / std)
+
     def transform(self, *, train: bool) -> v2.Compose:
-        """The torchvision v2 pipeline from a PIL RGB image to a normalised float32 CHW tensor."""
-        if self.style == "cifar":
-            geometry = [v2.RandomCrop(self.size, padding=4), v2.RandomHorizontalFlip()] if train else []
-        elif train:
-            geometry = [v2.RandomResizedCrop(self.size, antialias=True), v2.RandomHorizontalFlip()]
-        else:
-            geometry = [v2.Resize(self.resize_size, antialias=True), v2.CenterCrop(self.size)]
-        return v2.Compose([*geometry, *self._to_float()])
+        """The reference recipe per image: PIL RGB image -> normalised float32 CHW tensor.
 
-    def tensor_transform(self, *, train: bool) -> tuple[v2.Compose, v2.Compose]:
-        """For decoded uint8 CHW tensors (the GPU path): per-image geometry, then batch normalisation."""
-        if self.style == "cifar":
-            geometry = [v2.RandomCrop(self.size, padding=4), v2.RandomHorizontalFlip()] if train else []
-        elif train:
-            geometry = [v2.RandomResizedCrop(self.size, antialias=True), v2.RandomHorizontalFlip()]
-        else:
-            geometry = [v2.Resize(self.resize_size, antialias=True), v2.CenterCrop(self.size)]
-        return v2.Compose(geometry), v2.Compose(self._to_float()[1:])
-
-    def _to_float(self) -> list:
-        return [
-            v2.ToImage(),
-            v2.ToDtype(torch.float32, scale=True),
-            v2.Normalize(self.mean, self.std),
-            v2.ToPureTensor(),
-        ]
+        Equal (to float rounding) to `image_transform` followed by `normalize`; for single images.
+        """
+        return v2.Compose(
+            [
+                self.geometry(train=train),
+                v2.ToImage(),
+                v2.ToDtype(torch.float32, scale=True),
+                v2.Normalize(self.mean, self.std),
+                v2.ToPureTensor(),
+            ]
+        )
 
 
 def recipe_for(dataset: Manifest | str, size: int | None = None) -> Recipe:
@@ -148,7 +161,7 @@ class DeviceDecoder:
 
     def __init__(self, recipe: Recipe, *, train: bool, device: str | torch.device):
         self.device = torch.device(device)
-        self.geometry, self.normalize = recipe.tensor_transform(train=train)
+        self.recipe, self.geometry = recipe, recipe.geometry(train=train)
 
     def __call__(self, raw: list[bytes]) -> tuple[torch.Tensor | None, list[int]]:
         """Decode and transform; returns (images [N, 3, H, W] float32 on the device, failed indices)."""
@@ -173,7 +186,7 @@ class DeviceDecoder:
         if not decoded:
             return None, failed
         images = torch.stack([self.geometry(decoded[i]) for i in sorted(decoded)])
-        return self.normalize(images), failed
+        return self.recipe.normalize(images), failed
 
     def _decode_one(self, data: torch.Tensor, is_jpeg: bool) -> torch.Tensor:
         from torchvision.io import ImageReadMode, decode_image, decode_jpeg

@@ -161,12 +161,13 @@ class ShardStream:
     Iterating yields `Batch` items and, once a shard's last sample has been consumed (when the loop asks
     for the next item after the batch that held it), a `ShardDone`::
 
-        stream = ShardStream(feed, recipe_for(manifest), LoaderOptions(workers=2), train=True)
+        options = LoaderOptions(workers=2, device="cuda")
+        stream = ShardStream(feed, recipe_for(manifest), options, train=True)
         for item in stream:
             if isinstance(item, ShardDone):
                 assigner.complete(item.tag)
                 continue
-            train_step(item.images.to(device, non_blocking=True), item.labels.to(device))
+            train_step(item.images, item.labels.to("cuda", non_blocking=True))
 
     `train=True`: `feed` is any iterable of ShardRef or paths, read lazily (a few shards ahead) by a
     thread while the stream runs; one pass. `train=False`: `feed` is a finite list read in order with
@@ -187,9 +188,12 @@ class ShardStream:
         self.options, self.train = options, train
         self._tracker = _Tracker()
         self._started = False
+        self._recipe, self._device = recipe, torch.device(options.device)
         self._device_decoder = self._gpu_decoder(recipe, options, train)
+        if self._device_decoder is not None:
+            self._device = self._device_decoder.device
         decode = Decode(
-            None if self._device_decoder else recipe.transform(train=train),
+            None if self._device_decoder else recipe.image_transform(train=train),
             draft=recipe.draft_size(train=train),
             num_classes=num_classes,
             labeled=labeled,
@@ -205,7 +209,7 @@ class ShardStream:
             self._refs = [ShardRef.of(x) for x in feed]
             jobs = [Job(i, r.path, r.name) for i, r in enumerate(self._refs)]
         dataset = ShardDataset(jobs=jobs, job_queue=self._jobs, decode=decode, options=options, shuffle=train)
-        pin = torch.cuda.is_available() if options.pin_memory is None else options.pin_memory
+        pin = self._device.type == "cuda" if options.pin_memory is None else options.pin_memory
         self._loader: DataLoader | None = DataLoader(
             dataset,
             batch_size=None,
@@ -231,7 +235,8 @@ class ShardStream:
                 torch.__version__,
             )
             return None
-        return DeviceDecoder(recipe, train=train, device="cuda")
+        device = torch.device(options.device)
+        return DeviceDecoder(recipe, train=train, device=device if device.type == "cuda" else "cuda")
 
     @property
     def stats(self) -> StreamStats:
@@ -283,6 +288,8 @@ class ShardStream:
                     raise feeder.error
                 if self._device_decoder is not None and item.raw:
                     item = self._decode_on_device(item)
+                elif item.images is not None:
+                    item.images = self._recipe.normalize(item.images.to(self._device, non_blocking=True))
                 yield from self._tracker.update(item)
                 if item.keys:
                     yield Batch(item.images, item.labels, tuple(item.keys), tuple(item.shards))

@@ -66,8 +66,8 @@ class ShardDone:
 
 @dataclass(frozen=True)
 class Batch:
-    """Decoded, augmented samples. `images` is float32 [N, 3, S, S], normalised; on the GPU already with
-    decode="gpu", else on the CPU (pinned when CUDA is present). `labels` is int64 [N] (-1 if unlabeled).
+    """Decoded, augmented samples. `images` is float32 [N, 3, S, S], normalised, on the options' device
+    (on the GPU with decode="gpu"). `labels` is int64 [N] (-1 if unlabeled), on the CPU.
     """
 
     images: torch.Tensor
@@ -102,8 +102,10 @@ class LoaderOptions:
         batch_size: samples per batch (the last batch of a stream, or of a burst, may be smaller).
         workers: DataLoader worker processes; 0 reads in the main process.
         shuffle_buffer: samples mixed per worker across shard boundaries (training only; 0 = off).
-        decode: "cpu" (PIL in the workers) or "gpu" (nvJPEG in the main process; falls back to "cpu"
-            with a warning when CUDA is absent).
+        decode: "cpu" (PIL in the workers) or "gpu" (nvJPEG in the main process, batches delivered on
+            the GPU; falls back to "cpu" with a warning when CUDA is absent).
+        device: where batches are delivered ("cpu", "cuda", "cuda:1"); uint8 images travel there and
+            are converted and normalised on it.
         pin_memory: pin batches for fast copies to the GPU; None = when CUDA is available.
         prefetch_factor: items each worker prepares ahead.
         flush_after: seconds a worker waits for its next shard before it empties its shuffle buffer, so
@@ -117,6 +119,7 @@ class LoaderOptions:
     workers: int = 2
     shuffle_buffer: int = 2000
     decode: Literal["cpu", "gpu"] = "cpu"
+    device: str = "cpu"
     pin_memory: bool | None = None
     prefetch_factor: int = 2
     flush_after: float = 1.0
@@ -130,3 +133,7 @@ class LoaderOptions:
                 raise DataError(f"loader option {name} must be at least {low}, not {getattr(self, name)}")
         if self.decode not in ("cpu", "gpu"):
             raise DataError(f"loader option decode must be 'cpu' or 'gpu', not {self.decode!r}")
+        try:
+            torch.device(self.device)
+        except (RuntimeError, TypeError):
+            raise DataError(f"loader option device: {self.device!r} is not a torch device") from None

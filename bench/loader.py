@@ -1,0 +1,182 @@
+"""Loader throughput: the hivetrain pipeline from local shards vs torchvision ImageFolder + DataLoader,
+on the same ~100 KB 500x375 JPEGs with the same training transforms (RandomResizedCrop 224 recipe) and
+worker counts, and vs single-process ceilings (PIL decode only; decode + transform).
+
+    .venv/bin/python bench/loader.py [--images 3000] [--workers 0 1 2] [--batch-size 64]
+
+Data is generated once and cached under /tmp/bench-loader (an ImageFolder tree and shards of the same
+bytes). Each configuration runs --rounds times, interleaved, and the best rate is kept (the machine may be
+shared). Prints one table; ratios against a ceiling divide by (ceiling x max(1, workers)).
+"""
+
+from __future__ import annotations
+
+import argparse
+import io
+import os
+import resource
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image
+from torch.utils.data import DataLoader
+from torchvision.datasets import ImageFolder
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from hivetrain.data import LoaderOptions, ShardRef, ShardStream
+from hivetrain.transforms import Recipe, decode_image
+from shardtool.writer import ShardWriter
+
+CLASSES = 10
+PER_SHARD = 500
+
+
+def synth_jpeg(rng: np.random.Generator) -> bytes:
+    """A 500x375 photo-like JPEG of about 100 KB: smooth colour fields plus grain, quality 90."""
+    low = rng.integers(0, 256, (12, 16, 3), dtype=np.uint8)
+    img = Image.fromarray(low).resize((500, 375), Image.BICUBIC)
+    arr = np.asarray(img).astype(np.int16) + rng.integers(-30, 31, (375, 500, 3))
+    buf = io.BytesIO()
+    Image.fromarray(arr.clip(0, 255).astype(np.uint8)).save(buf, "JPEG", quality=90)
+    return buf.getvalue()
+
+
+def prepare(root: Path, n: int) -> tuple[Path, list[ShardRef], list[bytes]]:
+    """ImageFolder tree and shards holding the same JPEG bytes (made once, then reused)."""
+    folder, shards = root / f"folder-{n}", root / f"shards-{n}"
+    rng = np.random.default_rng(0)
+    if not (shards / "done").exists():
+        print(f"generating {n} JPEGs under {root} ...", file=sys.stderr)
+        writer = None
+        for i in range(n):
+            data, label = synth_jpeg(rng), i % CLASSES
+            path = folder / f"c{label:02d}" / f"img{i:06d}.jpg"
+            path.parent.mkdir(parents=True, exist_ok=True)
+            path.write_bytes(data)
+            if i % PER_SHARD == 0:
+                if writer:
+                    writer.close()
+                writer = ShardWriter(shards / f"train-{i // PER_SHARD:06d}.tar", fsync=False)
+            writer.write(f"img{i:06d}", {"jpg": data, "cls": str(label).encode()})
+        writer.close()
+        (shards / "done").touch()
+    paths = sorted(folder.glob("*/*.jpg"))
+    blobs = [p.read_bytes() for p in paths]  # also warms the page cache for both readers
+    for tar in shards.glob("*.tar"):
+        tar.read_bytes()
+    refs = [ShardRef(t) for t in sorted(shards.glob("*.tar"))]
+    return folder, refs, blobs
+
+
+def measure(fn) -> tuple[float, float]:
+    """(images/s, CPU ms per image counting this process and its reaped children) of fn()."""
+    before = _cpu()
+    start = time.perf_counter()
+    count = fn()
+    wall = time.perf_counter() - start
+    return count / wall, (_cpu() - before) / count * 1000
+
+
+def _cpu() -> float:
+    own, kids = resource.getrusage(resource.RUSAGE_SELF), resource.getrusage(resource.RUSAGE_CHILDREN)
+    return own.ru_utime + own.ru_stime + kids.ru_utime + kids.ru_stime
+
+
+def ours(refs: list[ShardRef], recipe: Recipe, workers: int, batch: int) -> int:
+    options = LoaderOptions(batch_size=batch, workers=workers, shuffle_buffer=1000, pin_memory=False)
+    stream = ShardStream(refs, recipe, options, train=True, num_classes=CLASSES)
+    return sum(len(b) for b in stream.batches())
+
+
+def imagefolder(folder: Path, recipe: Recipe, workers: int, batch: int) -> int:
+    dataset = ImageFolder(str(folder), transform=recipe.transform(train=True))
+    loader = DataLoader(dataset, batch_size=batch, shuffle=True, num_workers=workers)
+    return sum(len(labels) for _, labels in loader)
+
+
+def ceiling_decode(blobs: list[bytes]) -> int:
+    for data in blobs:
+        Image.open(io.BytesIO(data)).convert("RGB")
+    return len(blobs)
+
+
+def ceiling_transform(blobs: list[bytes], recipe: Recipe) -> int:
+    """The reference recipe per image (geometry, ToImage, ToDtype, Normalize), as ImageFolder runs it."""
+    transform, draft = recipe.transform(train=True), recipe.draft_size(train=True)
+    for data in blobs:
+        transform(decode_image(data, draft=draft))
+    return len(blobs)
+
+
+def ceiling_batched(blobs: list[bytes], recipe: Recipe, batch: int) -> int:
+    """The same arithmetic as our loader, in one process without tar, shuffle or workers: geometry and
+    ToImage per image, then stack and one fused normalisation per batch."""
+    transform, draft = recipe.image_transform(train=True), recipe.draft_size(train=True)
+    for i in range(0, len(blobs), batch):
+        recipe.normalize(torch.stack([transform(decode_image(d, draft=draft)) for d in blobs[i : i + batch]]))
+    return len(blobs)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--images", type=int, default=3000)
+    parser.add_argument("--workers", type=int, nargs="+", default=[0, 1, 2])
+    parser.add_argument("--batch-size", type=int, default=64)
+    parser.add_argument("--rounds", type=int, default=3, help="interleaved repeats; the best is reported")
+    parser.add_argument("--dir", type=Path, default=Path("/tmp/bench-loader"))
+    args = parser.parse_args()
+    torch.set_num_threads(1)  # per-image transforms: one thread per process, as in DataLoader workers
+    recipe = Recipe(224)
+    folder, refs, blobs = prepare(args.dir, args.images)
+    mean_kb = sum(map(len, blobs)) / len(blobs) / 1000
+    print(
+        f"{len(blobs)} JPEGs 500x375, mean {mean_kb:.0f} KB, {len(refs)} shards; {os.cpu_count()} cores, "
+        f"load average {os.getloadavg()[0]:.1f}; Pillow {Image.__version__}, torch {torch.__version__}; "
+        f"batch {args.batch_size}, best of {args.rounds} interleaved rounds"
+    )
+    runs = {
+        "decode": lambda: ceiling_decode(blobs),
+        "ceiling": lambda: ceiling_transform(blobs, recipe),
+        "batched": lambda: ceiling_batched(blobs, recipe, args.batch_size),
+    }
+    for w in args.workers:
+        runs[f"ours{w}"] = lambda w=w: ours(refs, recipe, w, args.batch_size)
+        runs[f"folder{w}"] = lambda w=w: imagefolder(folder, recipe, w, args.batch_size)
+    best: dict[str, tuple[float, float]] = {}
+    for r in range(args.rounds):
+        names = list(runs) if r % 2 == 0 else list(reversed(runs))
+        for name in names:
+            rate, cpu = measure(runs[name])
+            old = best.get(name, (0.0, float("inf")))
+            best[name] = (max(old[0], rate), min(old[1], cpu))
+            print(f"round {r}: {name:10s} {rate:6.0f} img/s  {cpu:5.2f} CPU ms/img", file=sys.stderr)
+
+    decode, ceiling, batched = best["decode"], best["ceiling"], best["batched"]
+    print(
+        f"single-process ceilings: A = PIL decode only {decode[0]:.0f} img/s ({decode[1]:.2f} CPU ms/img); "
+        f"B = decode + reference transform per image {ceiling[0]:.0f} img/s ({ceiling[1]:.2f}); "
+        f"C = decode + our per-image/per-batch split of the same transform {batched[0]:.0f} img/s "
+        f"({batched[1]:.2f})\n"
+    )
+    print(
+        "| workers | hivetrain img/s | ImageFolder img/s | hivetrain / ImageFolder | "
+        "hivetrain / (B x workers) | hivetrain / (C x workers) | hivetrain / (A x workers) | "
+        "CPU ms/img hivetrain | CPU ms/img ImageFolder |"
+    )
+    print("|---" * 9 + "|")
+    for w in args.workers:
+        (mine, mine_cpu), (theirs, theirs_cpu) = best[f"ours{w}"], best[f"folder{w}"]
+        scale = max(1, w)
+        print(
+            f"| {w} | {mine:.0f} | {theirs:.0f} | {mine / theirs:.2f} | {mine / (ceiling[0] * scale):.0%} | "
+            f"{mine / (batched[0] * scale):.0%} | {mine / (decode[0] * scale):.0%} | {mine_cpu:.2f} | "
+            f"{theirs_cpu:.2f} |"
+        )
+
+
+if __name__ == "__main__":
+    main()
