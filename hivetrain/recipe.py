@@ -1,0 +1,147 @@
+"""Training recipes: per-dataset defaults, the model, and the learning-rate schedule.
+
+After torchvision's classification reference (`references/classification/train.py`): SGD with Nesterov
+momentum 0.9, weight decay without decay on norms and biases, label smoothing 0.1, linear warm-up then
+cosine decay, learning rate scaled linearly with the global batch (0.1 per 256 samples). The schedule is
+a function of the optimizer's global step (`hivemind.Optimizer.local_epoch`, one step per
+`target_global_bsz` samples across all peers), so a peer that joins late follows the same schedule.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, replace
+
+import torch
+import torchvision
+from torch import nn
+
+from shardtool.datasets import known_datasets
+from shardtool.manifest import Manifest
+
+from .errors import HivetrainError
+
+MODELS = ("resnet18", "resnet34", "resnet50")
+
+
+@dataclass(frozen=True)
+class TrainingRecipe:
+    """How a dataset is trained. Every field has a command-line flag that overrides it."""
+
+    model: str = "resnet18"
+    image_size: int = 224
+    batch: int = 64
+    target_global_bsz: int = 1024
+    lr: float | None = None  # None: 0.1 * target_global_bsz / 256
+    weight_decay: float = 1e-4
+    label_smoothing: float = 0.1
+    epochs: int = 90
+    warmup_epochs: float = 5.0
+    small_stem: bool = False  # 3x3 stride-1 first convolution (and no max-pool at 32 px) for small images
+
+    @property
+    def peak_lr(self) -> float:
+        return self.lr if self.lr is not None else 0.1 * self.target_global_bsz / 256
+
+
+RECIPES = {
+    "imagenet-1k": TrainingRecipe(
+        "resnet50", 224, batch=64, target_global_bsz=1024, epochs=90, warmup_epochs=5
+    ),
+    "tiny-imagenet-200": TrainingRecipe(
+        "resnet18",
+        64,
+        batch=128,
+        target_global_bsz=512,
+        weight_decay=5e-4,
+        epochs=60,
+        warmup_epochs=2,
+        small_stem=True,
+    ),
+    "cifar-10": TrainingRecipe(
+        "resnet18",
+        32,
+        batch=128,
+        target_global_bsz=512,
+        weight_decay=5e-4,
+        epochs=60,
+        warmup_epochs=2,
+        small_stem=True,
+    ),
+}
+LAYOUT_SIZES = {"tiny-imagenet": 64, "cifar10": 32}
+
+
+def training_recipe(manifest: Manifest, **overrides) -> TrainingRecipe:
+    """The recipe for a manifest's dataset, with the given fields (those not None) overridden.
+
+    Unknown datasets train a ResNet-18 at the image size their layout suggests (224 by default).
+    """
+    recipe = RECIPES.get(manifest.dataset)
+    if recipe is None:
+        size = LAYOUT_SIZES.get(manifest.layout, 224)
+        recipe = TrainingRecipe("resnet18", size, batch=64, target_global_bsz=256, epochs=10, warmup_epochs=1)
+    recipe = replace(recipe, **{k: v for k, v in overrides.items() if v is not None})
+    if recipe.model not in MODELS:
+        raise HivetrainError(f"unknown model {recipe.model!r}; choose one of {', '.join(MODELS)}")
+    if recipe.batch < 1 or recipe.target_global_bsz < recipe.batch:
+        raise HivetrainError(
+            f"--target-global-bsz ({recipe.target_global_bsz}) must be at least --batch ({recipe.batch})"
+        )
+    known = known_datasets().get(manifest.dataset)
+    if known is not None and known.num_classes != manifest.num_classes:
+        raise HivetrainError(
+            f"{manifest.origin}: {manifest.dataset} should have {known.num_classes} classes, "
+            f"the manifest lists {manifest.num_classes}"
+        )
+    return recipe
+
+
+def build_model(recipe: TrainingRecipe, num_classes: int) -> nn.Module:
+    """A torchvision ResNet with random weights (never a download), its stem adapted to small images."""
+    model = getattr(torchvision.models, recipe.model)(weights=None, num_classes=num_classes)
+    if recipe.small_stem:
+        model.conv1 = nn.Conv2d(3, 64, kernel_size=3, stride=1, padding=1, bias=False)
+        if recipe.image_size <= 32:
+            model.maxpool = nn.Identity()
+    return model
+
+
+def param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
+    """No weight decay on normalisation weights and biases (the reference's --norm-weight-decay 0)."""
+    decay, no_decay = [], []
+    for module in model.modules():
+        for name, param in module.named_parameters(recurse=False):
+            if not param.requires_grad:
+                continue
+            is_norm = isinstance(module, nn.modules.batchnorm._NormBase | nn.GroupNorm | nn.LayerNorm)
+            (no_decay if is_norm or name == "bias" else decay).append(param)
+    return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+
+
+def batchnorm_buffers(model: nn.Module) -> list[torch.Tensor]:
+    """BatchNorm running statistics: averaged across peers with the parameters (hivemind's
+    `extra_tensors`), because hivemind averages only what the optimizer updates."""
+    return [
+        buf
+        for module in model.modules()
+        if isinstance(module, nn.modules.batchnorm._NormBase) and module.track_running_stats
+        for buf in (module.running_mean, module.running_var)
+    ]
+
+
+def total_steps(recipe: TrainingRecipe, train_samples: int) -> int:
+    """Global optimizer steps in `recipe.epochs` passes over `train_samples`."""
+    return max(1, math.ceil(recipe.epochs * train_samples / recipe.target_global_bsz))
+
+
+def lr_factor(step: int, *, warmup: int, total: int) -> float:
+    """Multiplier of the peak learning rate at global step `step`: linear warm-up, then cosine to 0."""
+    if step < warmup:
+        return (step + 1) / (warmup + 1)
+    progress = min(1.0, (step - warmup) / max(1, total - warmup))
+    return 0.5 * (1.0 + math.cos(math.pi * progress))
+
+
+def warmup_steps(recipe: TrainingRecipe, train_samples: int) -> int:
+    return round(recipe.warmup_epochs * train_samples / recipe.target_global_bsz)
