@@ -324,6 +324,7 @@ def _build_split(split, records, out, options, unlabeled, journal, report, progr
             pool.terminate()
             pool.join()
         bar.close()
+        _remove_stale(out, split, packer.number)  # temp files of a shard the interruption caught half-made
     shards = [Shard(**e["shard"]) for e in done] + [shard for shard, _ in finished]
     skipped = [s for e in done for s in e["skipped"]] + [s for _, skips in finished for s in skips]
     if not shards:
@@ -395,7 +396,7 @@ def _tar_size(fields: dict[str, bytes]) -> int:
 
 
 def _remove_stale(out: Path, split: str, first_unfinished: int) -> None:
-    """Delete temp files and shards of `split` numbered from `first_unfinished` on (left by an interrupted run)."""
+    """Delete temp files of `split`, and its shards numbered from `first_unfinished` on (an interrupted run's)."""
     for path in out.iterdir():
         m = _SHARD_FILE.fullmatch(path.name)
         if (m and m.group(1) == split and int(m.group(2)) >= first_unfinished) or (

@@ -410,11 +410,18 @@ def shuffled_listing(monkeypatch, seed: int = 1) -> None:
     class Shuffled:
         def __init__(self, path):
             self._it = real(path)
-            self._entries = list(self._it)
-            random.Random(f"{seed}/{path}").shuffle(self._entries)
+            entries = list(self._it)
+            random.Random(f"{seed}/{path}").shuffle(entries)
+            self._entries = iter(entries)
 
         def __iter__(self):
-            return iter(self._entries)
+            return self
+
+        def __next__(self):
+            return next(self._entries)
+
+        def close(self):
+            self._it.close()
 
         def __enter__(self):
             return self
