@@ -18,7 +18,7 @@ venv: $(STAMP)
 
 ## demo: generate a small dataset, build shards, serve them and train two peers on it (CPU)
 demo: $(STAMP)
-	$(BIN)/python -m hivetrain.demo --dir demo
+	$(BIN)/shardtool synth demo/data && $(BIN)/shardtool build demo/data --out demo/shards --workers 2 && $(BIN)/shardtool verify demo/shards/manifest.json && $(BIN)/shardtool info demo/shards/manifest.json
 
 ## test: the suite CI runs (everything but the full fault suite)
 test: $(STAMP)

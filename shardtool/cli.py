@@ -126,6 +126,12 @@ def build(
             err=True,
         )
     samples = sum(s.samples for s in report.splits)
+    if all(s.resumed_shards == s.shards for s in report.splits):
+        click.echo(
+            f"nothing left to build: {report.manifest.origin} is complete and its shards check out", err=True
+        )
+        click.echo(report.manifest.origin)
+        return
     rate = f"{samples / report.seconds:,.0f} samples/s, {total_bytes / 1e6 / report.seconds:,.1f} MB/s"
     click.echo(f"built {report.manifest.dataset} in {report.seconds:.1f} s ({rate})", err=True)
     if report.manifest.skipped:
@@ -148,7 +154,7 @@ def synth(out, classes, train_per_class, val_per_class, size, seed):
     """Generate a small learnable dataset in the Tiny-ImageNet-200 layout into OUT (offline)."""
     from .sources.synth import generate
 
-    generate(
+    written = generate(
         out,
         classes=classes,
         train_per_class=train_per_class,
@@ -157,7 +163,8 @@ def synth(out, classes, train_per_class, val_per_class, size, seed):
         seed=seed,
     )
     total = classes * (train_per_class + val_per_class)
-    click.echo(f"wrote {total:,} images of {classes} classes to {out}", err=True)
+    what = "wrote" if written else "already there:"
+    click.echo(f"{what} {total:,} images of {classes} classes in {out}", err=True)
 
 
 @cli.command()
@@ -325,6 +332,7 @@ def serve(directory, host, port):
     "--jobs", "-j", default=4, show_default=True, type=click.IntRange(1, 256), help="Parallel downloads."
 )
 @click.option("--recheck", is_flag=True, help="Hash shards already present instead of trusting their size.")
+@click.option("--fsync", is_flag=True, help="Flush each shard to disk before renaming it into place.")
 @click.option("--timeout", default=30.0, show_default=True, help="HTTP connect/read timeout, seconds.")
 @click.option("--retries", default=4, show_default=True, type=click.IntRange(0, 100), help="Per mirror.")
 @click.option(
@@ -336,8 +344,8 @@ def serve(directory, host, port):
 @_with_swarm_options
 @click.option("--progress/--no-progress", default=None, help="Progress bar on stderr [when a terminal].")
 @click.option("--json", "as_json", is_flag=True, help="Print the summary as JSON.")
-def fetch(manifest_path, out, via, mirrors, splits, spec, jobs, recheck, timeout, retries, stall_timeout, listen,
-          peers, trackers, dht, lsd, upnp, progress, as_json):  # fmt: skip
+def fetch(manifest_path, out, via, mirrors, splits, spec, jobs, recheck, fsync, timeout, retries, stall_timeout,
+          listen, peers, trackers, dht, lsd, upnp, progress, as_json):  # fmt: skip
     """Fetch a manifest's shards into --out, each verified by sha256; exit 0 only if all are there.
 
     MANIFEST is a path or an http(s) URL. Sources: the manifest's HTTP mirrors and --from, and its
@@ -367,7 +375,7 @@ def fetch(manifest_path, out, via, mirrors, splits, spec, jobs, recheck, timeout
         jobs=jobs,
         recheck=recheck,
         progress=progress,
-        http=HttpOptions(timeout=timeout, retries=retries),
+        http=HttpOptions(timeout=timeout, retries=retries, fsync=fsync),
         torrent=torrent,
     )
     prepare_destination(manifest, out)

@@ -44,8 +44,11 @@ def test_layout_and_reproducibility(tmp_path):
     generate(tmp_path / "b", classes=3, train_per_class=4, val_per_class=2, size=32)
     files = sorted(p.relative_to(a) for p in a.rglob("*") if p.is_file())
     assert all((a / f).read_bytes() == (tmp_path / "b" / f).read_bytes() for f in files)
-    with pytest.raises(ShardtoolError, match="already holds a dataset"):
-        generate(a, classes=3)
+    assert not generate(
+        a, classes=3, train_per_class=4, val_per_class=2, size=32
+    )  # the same again: nothing to do
+    with pytest.raises(ShardtoolError, match="already holds a different dataset"):
+        generate(a, classes=4)
 
 
 def test_a_small_cnn_learns_it_from_the_built_shards(tmp_path):

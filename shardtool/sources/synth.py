@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import colorsys
 import io
+import json
 import os
 from pathlib import Path
 
@@ -20,6 +21,7 @@ from PIL import Image
 
 from ..errors import ShardtoolError
 
+MARKER = "synth.json"  # the parameters, so that running the same command again is a no-op
 SHAPES = ("circle", "square", "triangle", "ring", "cross", "diamond")
 TEXTURES = ("solid", "striped", "checked")
 _HUE_NAMES = (
@@ -109,13 +111,27 @@ def generate(
     val_per_class: int = 50,
     size: int = 64,
     seed: int = 0,
-) -> Path:
-    """Write the dataset into `out` (which must not hold one already); returns `out`."""
+) -> bool:
+    """Write the dataset into `out`; False if it was already there (the same parameters: nothing to do)."""
     out = Path(out)
     if classes < 1 or train_per_class < 1 or val_per_class < 0 or size < 16:
         raise ShardtoolError("synth: need at least 1 class, 1 train image per class and images of 16+ pixels")
+    params = json.dumps(
+        {
+            "classes": classes,
+            "train_per_class": train_per_class,
+            "val_per_class": val_per_class,
+            "size": size,
+            "seed": seed,
+        },
+        sort_keys=True,
+    )
     if (out / "wnids.txt").exists():
-        raise ShardtoolError(f"{out}: already holds a dataset (wnids.txt exists); choose another folder")
+        if (out / MARKER).is_file() and (out / MARKER).read_text() == params:
+            return False
+        raise ShardtoolError(
+            f"{out}: already holds a different dataset (wnids.txt exists); choose another folder"
+        )
     wnids = [wnid(c) for c in range(classes)]
     val_rows = []
     for c, w in enumerate(wnids):
@@ -146,5 +162,6 @@ def generate(
     if annotations:
         (out / "val" / "val_annotations.txt").write_text("\n".join(annotations) + "\n")
     (out / "words.txt").write_text("".join(f"{w}\t{class_name(c)}\n" for c, w in enumerate(wnids)))
+    (out / MARKER).write_text(params)
     (out / "wnids.txt").write_text("".join(f"{w}\n" for w in wnids))  # last: marks the dataset complete
-    return out
+    return True
