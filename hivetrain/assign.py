@@ -1,17 +1,19 @@
 """Dividing each epoch's shards among the peers of a run through signed leases in the hivemind DHT.
 
-No coordinator: every peer publishes two records under its own signed subkey (see `hivetrain.dht`):
+No coordinator. Every peer publishes one record (`hivetrain.dht.PeerRecord`) under the key
+`<run_id>_shards`, in a subkey signed with its own key, and rewrites it whole on every change:
 
-* `<run_id>_lease`: the shards it is reading, `(epoch, index, claim time)`, renewed every `lease_s / 3`
-  and expiring `lease_s` after the last renewal, so a dead peer's shards come free within `lease_s`;
-* `<run_id>_done`: the shards it finished in the epochs still open and the last epoch it saw complete;
-  kept for hours, so a joining peer learns the current epoch and what is left.
+* its claims, `(epoch, shard index, claim time)`, valid until `lease_until`; it renews them every
+  `lease_s / 3`, so a dead peer's shards come free within `lease_s`;
+* the shards it finished in the epochs still open and the last epoch it saw complete; the record
+  lives for hours, so a joining peer learns the current epoch and what is left, and finishing a shard
+  (claims -> done) is one atomic write.
 
-A peer reads both, picks at random among the first few free shards of the epoch's order (a permutation
-seeded by run id, seed and epoch that all peers compute alike), publishes its claim, re-reads after a short
-settle and backs off if an earlier claim (then the lower key) holds the same shard: the DHT has no
-compare-and-swap. When the current epoch has no free shard left, peers start the next one rather than idle,
-but never run more than two epochs ahead of the oldest unfinished one, and shards of the older epoch whose
+A peer reads all records with one `get`, picks at random among the first few free shards of the epoch's
+order (a permutation seeded by run id, seed and epoch that all peers compute alike), publishes its claim,
+re-reads after a short settle and backs off if an earlier claim (then the lower key) holds the same
+shard: the DHT has no compare-and-swap. When the current epoch has no free shard left, peers start the
+next one rather than idle (at most two epochs are open at once), and shards of the older epoch whose
 leases expire are taken first. Work is taken, never pre-assigned, so a faster peer reads more shards.
 
 The decision itself (`Board`, `current_epoch`, `choose`, `confirmed`) is pure and is tested without a DHT;
@@ -28,13 +30,13 @@ import random
 import threading
 import time
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 import hivemind
 from hivemind.utils import get_dht_time
 
-from .dht import DoneRecord, LeaseRecord, clock_offset, ensure_run_validators
+from .dht import PeerRecord, clock_offset, ensure_run_validators
 
 logger = logging.getLogger(__name__)
 
@@ -122,7 +124,7 @@ def shard_order(run_id: str, seed: int, epoch: int, n: int) -> list[int]:
 
 def current_epoch(board: Board) -> int:
     """The oldest epoch not yet complete: past every epoch a peer saw complete and every fully done one."""
-    epoch = max((record.complete for record in board.dones), default=-1) + 1
+    epoch = max([0, *(record.complete + 1 for record in board.dones)])
     while len(board.done(epoch)) >= board.n:
         epoch += 1
     return epoch
@@ -156,42 +158,29 @@ def confirmed(board: Board, owner: bytes, epoch: int, index: int) -> bool:
     return index not in board.done(epoch) and holder is not None and holder[1] == owner
 
 
-def parse_leases(value, *, n: int, fp: str, now: float) -> tuple[list[Lease], list[tuple[bytes, float]]]:
-    """Leases from a DHT `get` result; also the `(subkey, expiration)` of records that make no sense."""
-    leases, bad = [], []
-    for subkey, item in _entries(value):
+def parse_records(
+    value, *, n: int, fp: str, now: float
+) -> tuple[list[Lease], list[Done], list[tuple[bytes, float]]]:
+    """Leases and done records from a DHT `get` of the run's key, and the `(subkey, expiration)` of
+    records that make no sense (another shard list, an index out of range, a claim from the future)."""
+    leases, dones, bad = [], [], []
+    entries = value.value.items() if value is not None and isinstance(value.value, dict) else ()
+    for owner, item in entries:
         try:
-            record = LeaseRecord.parse_obj(item.value)
+            record = PeerRecord.parse_obj(item.value)
             claims = tuple((c.e, c.i, c.t) for c in record.claims)
-            if record.fp != fp or any(i >= n or t > now + 60 for _, i, t in claims):
-                raise ValueError("another shard list, an index out of range or a claim from the future")
-            leases.append(Lease(subkey, record.peer, item.expiration_time, claims, record.time))
-        except Exception:
-            bad.append((subkey, item.expiration_time))
-    return leases, bad
-
-
-def parse_dones(value, *, n: int, fp: str) -> tuple[list[Done], list[tuple[bytes, float]]]:
-    """Done records from a DHT `get` result; also those that make no sense."""
-    dones, bad = [], []
-    for subkey, item in _entries(value):
-        try:
-            record = DoneRecord.parse_obj(item.value)
             shards = {d.e: frozenset(d.shards) for d in record.done}
-            if record.fp != fp or any(i >= n for s in shards.values() for i in s):
-                raise ValueError("another shard list or an index out of range")
-            dones.append(Done(subkey, record.peer, record.complete, shards))
+            if record.fp != fp:
+                raise ValueError("another shard list")
+            if any(i >= n or t > now + 60 for _, i, t in claims) or any(
+                i >= n for s in shards.values() for i in s
+            ):
+                raise ValueError("a shard index out of range or a claim from the future")
+            leases.append(Lease(owner, record.peer, record.lease_until, claims, record.time))
+            dones.append(Done(owner, record.peer, record.complete, shards))
         except Exception:
-            bad.append((subkey, item.expiration_time))
-    return dones, bad
-
-
-def _entries(value):
-    if value is None:
-        return []
-    if not isinstance(value.value, dict):
-        return [(b"", value)]
-    return [(subkey, item) for subkey, item in value.value.items()]
+            bad.append((owner, item.expiration_time))
+    return leases, dones, bad
 
 
 def shard_list_fingerprint(shards: Sequence[str]) -> str:
@@ -201,12 +190,12 @@ def shard_list_fingerprint(shards: Sequence[str]) -> str:
 
 @dataclass(frozen=True)
 class LeaseTiming:
-    """How quickly claims are confirmed, renewed and re-read (seconds).
+    """How quickly claims are confirmed, re-read and forgotten (seconds).
 
     Attributes:
         settle_s: wait between publishing a claim and re-reading it (covers the spread of DHT store times).
         poll_s: re-read interval while every shard is in flight elsewhere.
-        done_ttl_s: how long done records live (must outlast the longest epoch).
+        done_ttl_s: how long a peer's record outlives its last write (must outlast the longest epoch).
         request_timeout_s: a DHT call slower than this counts as the DHT being unreachable.
     """
 
@@ -216,24 +205,12 @@ class LeaseTiming:
     request_timeout_s: float = 10.0
 
 
-@dataclass
+@dataclass(frozen=True)
 class _Held:
     claim: Claim
     index: int
     claimed_at: float  # DHT time, the tie-break
     start: float  # wall clock, for shards.jsonl
-    finishing: bool = False  # completed, kept in the lease until the done record is published
-
-
-@dataclass
-class _Mine:
-    """This peer's own records, the authority for its subkeys whatever the DHT returns."""
-
-    held: dict[tuple[int, int], _Held] = field(default_factory=dict)
-    done: dict[int, set[int]] = field(default_factory=dict)
-    done_dirty: bool = False
-    lease_exp: float = 0.0
-    done_exp: float = 0.0
 
 
 class ShardAssigner:
@@ -249,7 +226,7 @@ class ShardAssigner:
     Args:
         shards: the split's shard names in manifest order (the same list on every peer of the run).
         dht: a running DHT (ideally from `hivetrain.dht.make_dht(run_id=...)`); None: single-peer mode.
-        run_id: the run's name; prefixes the DHT keys.
+        run_id: the run's name; prefixes the DHT key.
         lease_s: a claim not renewed for this long is taken over by others (renewed every `lease_s / 3`).
         seed: with `run_id` and the epoch, seeds the shard order every peer agrees on.
         log_dir: where `shards.jsonl` gets one line per finished shard (epoch, shard, start, end, samples, peer).
@@ -278,33 +255,37 @@ class ShardAssigner:
         if lease_s <= 0:
             raise ValueError(f"lease_s must be positive, got {lease_s}")
         self._shards, self._index = list(shards), {name: i for i, name in enumerate(shards)}
-        self._dht, self._run_id, self._seed = dht, run_id, seed
-        self._lease_s, self._timing, self._max_epochs = lease_s, timing, max_epochs
-        self._keys = (f"{run_id}_lease", f"{run_id}_done")
-        self._fp = shard_list_fingerprint(self._shards)
+        self._dht, self._run_id, self._seed, self._max_epochs = dht, run_id, seed, max_epochs
+        self._lease_s, self._timing = lease_s, timing
+        self._key, self._fp = f"{run_id}_shards", shard_list_fingerprint(self._shards)
         self._rng = rng or random.Random(os.urandom(8))
         self._lock, self._dht_lock, self._log_lock = threading.RLock(), threading.Lock(), threading.Lock()
         self._closed, self._wake = threading.Event(), threading.Event()
-        self._mine = _Mine()
-        self._orders: dict[int, list[int]] = {}
+        # this peer's own state: the authority for its record, whatever the DHT returns
+        self._held: dict[tuple[int, int], _Held] = {}
+        self._done: dict[int, set[int]] = {}
+        self._expiration, self._lease_until, self._renewed = 0.0, 0.0, float("-inf")
+        # what the last read saw
+        self._remote: tuple[list[Lease], list[Done]] = ([], [])
+        self._fetched = float("-inf")
         self._epoch, self._alone, self._reachable = -1, None, True
         self._bad: set[tuple[bytes, float]] = set()
         self._skewed: set[bytes] = set()
+        self._orders: dict[int, list[int]] = {}
         self.lost_races = 0
         if dht is not None:
-            self._owner = ensure_run_validators(dht, run_id)
-            self._peer = dht.peer_id.to_base58()
+            self._owner, self._peer = ensure_run_validators(dht, run_id), dht.peer_id.to_base58()
         else:
             self._owner, self._peer = b"[local]", "local"
         self._log = None
         if log_dir is not None:
             Path(log_dir).mkdir(parents=True, exist_ok=True)
             self._log = open(Path(log_dir) / "shards.jsonl", "a", encoding="utf-8")  # noqa: SIM115
-        self._board = self._read()
+        self._read()
         self._thread = None
         if dht is not None:
-            self._publish_lease()  # a heartbeat: others count this peer from now on
-            self._thread = threading.Thread(target=self._run, name=f"ShardAssigner({run_id})", daemon=True)
+            self._publish()  # others count this peer from now on
+            self._thread = threading.Thread(target=self._renew, name=f"ShardAssigner({run_id})", daemon=True)
             self._thread.start()
 
     # ---- public API -------------------------------------------------------------------------------
@@ -332,7 +313,7 @@ class ShardAssigner:
     def held(self) -> list[Claim]:
         """The claims this peer holds and has not completed or released."""
         with self._lock:
-            return [h.claim for h in self._mine.held.values() if not h.finishing]
+            return [h.claim for h in self._held.values()]
 
     def next_claim(self, timeout: float | None = None) -> Claim | None:
         """Claim the next free shard; several claims may be held at once (prefetch).
@@ -342,9 +323,8 @@ class ShardAssigner:
         """
         deadline = None if timeout is None else time.monotonic() + timeout
         while not self._closed.is_set():
-            board = self._read()
-            peers = len(board.live_peers())
-            spread = 1 if self.single_peer else 2 * peers  # alone: exactly the epoch's order
+            board = self._read(max_age=self._timing.settle_s)  # the last claim's confirmation will do
+            spread = 1 if self.single_peer else 2 * len(board.live_peers())  # alone: the exact order
             step = choose(board, self._order, rng=self._rng, spread=spread, max_epochs=self._max_epochs)
             if step.kind == "finished":
                 return None
@@ -363,33 +343,22 @@ class ShardAssigner:
         """Record `claim` as read: a done record in the DHT and a line in `shards.jsonl`."""
         end = time.time()
         with self._lock:
-            key = (claim.epoch, self._index.get(claim.shard, -1))
-            held = self._mine.held.get(key)
-            if held is None or held.finishing:
+            held = self._held.pop((claim.epoch, self._index.get(claim.shard, -1)), None)
+            if held is None:
                 raise ValueError(f"shard {claim.shard} of epoch {claim.epoch} is not held by this peer")
-            self._mine.done.setdefault(claim.epoch, set()).add(key[1])
-            self._mine.done_dirty = True
-            if self._dht is None:
-                del self._mine.held[key]
-            else:
-                held.finishing = True  # stays in the lease until the done record is out
-        line = dict(
-            epoch=claim.epoch, shard=claim.shard, start=held.start, end=end, samples=samples, peer=self._peer
-        )
+            self._done.setdefault(claim.epoch, set()).add(held.index)
         if self._log is not None:
+            line = dict(epoch=claim.epoch, shard=claim.shard, start=held.start, end=end, samples=samples)
             with self._log_lock:
-                self._log.write(json.dumps(line) + "\n")
+                self._log.write(json.dumps(dict(line, peer=self._peer)) + "\n")
                 self._log.flush()
-        self._wake.set()
+        self._wake.set()  # the renewal thread publishes it
 
     def release(self, claim: Claim) -> None:
         """Give an unfinished shard back at once, for others (or this peer) to read."""
         with self._lock:
-            key = (claim.epoch, self._index.get(claim.shard, -1))
-            held = self._mine.held.get(key)
-            if held is None or held.finishing:
+            if self._held.pop((claim.epoch, self._index.get(claim.shard, -1)), None) is None:
                 return
-            del self._mine.held[key]
         self._wake.set()
 
     def epoch_state(self, epoch: int | None = None) -> dict[str, dict]:
@@ -416,10 +385,9 @@ class ShardAssigner:
         if self._thread is not None:
             self._thread.join()
         with self._lock:
-            for key in [k for k, h in self._mine.held.items() if not h.finishing]:
-                del self._mine.held[key]
+            self._held.clear()
         if self._dht is not None:
-            self._flush()
+            self._publish(leaving=True)
         if self._log is not None:
             self._log.close()
 
@@ -442,61 +410,60 @@ class ShardAssigner:
         """Publish a claim, re-read after the settle time, keep it only if it is the earliest."""
         claim = Claim(epoch, self._shards[index])
         with self._lock:
-            self._mine.held[(epoch, index)] = _Held(claim, index, get_dht_time(), time.time())
+            self._held[(epoch, index)] = _Held(claim, index, get_dht_time(), time.time())
         if self._dht is None:
             return claim
-        self._publish_lease()
+        self._publish()
         if self._closed.wait(self._timing.settle_s):
             return None  # close() gives the claim back
         if confirmed(self._read(), self._owner, epoch, index):
             logger.debug("claimed shard %s of epoch %d", claim.shard, epoch)
             return claim
         with self._lock:
-            self._mine.held.pop((epoch, index), None)
+            self._held.pop((epoch, index), None)
         self.lost_races += 1
         logger.debug("another peer claimed shard %s of epoch %d first; trying another", claim.shard, epoch)
-        self._publish_lease()
+        self._publish()
         return None
 
     # ---- reading the board ------------------------------------------------------------------------
 
-    def _read(self) -> Board:
-        """Every peer's records from the DHT, with this peer's own records as they are in memory."""
-        leases: list[Lease] = []
-        dones: list[Done] = []
-        if self._dht is not None:
+    def _read(self, max_age: float = 0.0) -> Board:
+        """Every peer's records (from the DHT unless the last read is under `max_age` s old), with this
+        peer's own state as it is in memory."""
+        if self._dht is not None and time.monotonic() - self._fetched > max_age:
+            remote: tuple[list[Lease], list[Done]] = ([], [])
             try:
                 with self._dht_lock:
-                    futures = [self._dht.get(key, latest=True, return_future=True) for key in self._keys]
-                lease_value, done_value = (f.result(timeout=self._timing.request_timeout_s) for f in futures)
-                now, n = get_dht_time(), len(self._shards)
-                leases, bad_leases = parse_leases(lease_value, n=n, fp=self._fp, now=now)
-                dones, bad_dones = parse_dones(done_value, n=n, fp=self._fp)
-                self._note_bad(bad_leases + bad_dones)
+                    future = self._dht.get(self._key, latest=True, return_future=True)
+                value = future.result(timeout=self._timing.request_timeout_s)
+                *remote, bad = parse_records(value, n=len(self._shards), fp=self._fp, now=get_dht_time())
+                self._note_bad(bad)
                 self._set_reachable(True)
             except Exception as e:  # a dead DHT process, a closed pipe, a timeout: carry on alone
                 self._set_reachable(False, e)
+            self._remote, self._fetched = tuple(remote), time.monotonic()
+        leases, dones = self._remote
         with self._lock:
-            mine = self._mine
-            own_lease = Lease(
-                self._owner,
-                self._peer,
-                float("inf"),
-                tuple((h.claim.epoch, h.index, h.claimed_at) for h in mine.held.values()),
-            )
-            done = {e: frozenset(s) for e, s in mine.done.items()}
-            own_done = Done(self._owner, self._peer, max(self._epoch - 1, -1), done)
+            held = tuple((h.claim.epoch, h.index, h.claimed_at) for h in self._held.values())
+            done = {e: frozenset(s) for e, s in self._done.items()}
         board = Board(
             len(self._shards),
             get_dht_time(),
-            (*(x for x in leases if x.owner != self._owner), own_lease),
-            (*(x for x in dones if x.owner != self._owner), own_done),
+            (
+                *(x for x in leases if x.owner != self._owner),
+                Lease(self._owner, self._peer, float("inf"), held),
+            ),
+            (
+                *(x for x in dones if x.owner != self._owner),
+                Done(self._owner, self._peer, self._epoch - 1, done),
+            ),
         )
         self._observe(board, leases)
         return board
 
     def _observe(self, board: Board, leases: list[Lease]) -> None:
-        """Log what changed: the epoch, being alone, records that make no sense, clocks that disagree."""
+        """Log what changed: the epoch, being alone, clocks that disagree."""
         epoch = current_epoch(board)
         if epoch != self._epoch:
             if self._epoch >= 0 and epoch > self._epoch:
@@ -505,16 +472,15 @@ class ShardAssigner:
                 logger.info("run %s: joining at epoch %d", self._run_id, epoch)
             with self._lock:
                 self._epoch = epoch
-                for old in [e for e in self._mine.done if e < epoch - 1]:
-                    del self._mine.done[old]
-                self._mine.done_dirty = self._mine.done_dirty or self._dht is not None
+                for old in [e for e in self._done if e < epoch - 1]:
+                    del self._done[old]  # kept small: epochs before the previous one are settled
         others = len(board.live_peers()) - 1
         alone = self._dht is None or not self._reachable or others == 0
         if alone != self._alone:
             if alone:
-                why = "no DHT" if self._dht is None else "no other peer of this run is visible"
-                if self._dht is not None and not self._reachable:
-                    why = "the DHT is unreachable"
+                why = "no other peer of this run is visible"
+                if self._dht is None or not self._reachable:
+                    why = "no DHT" if self._dht is None else "the DHT is unreachable"
                 level = logging.INFO if self._dht is not None and self._reachable else logging.WARNING
                 logger.log(
                     level, "run %s: %s: reading every shard alone (single-peer mode)", self._run_id, why
@@ -523,13 +489,13 @@ class ShardAssigner:
                 logger.info("run %s: %d other peer(s) visible: sharing the shards", self._run_id, others)
             self._alone = alone
         for lease in leases:
-            if lease.owner in self._skewed or lease.owner == self._owner:
+            if lease.owner in self._skewed or lease.owner == self._owner or lease.expires <= board.now:
                 continue
             offset = clock_offset(lease.written, now=board.now, max_age=lease.expires - lease.written)
             if offset is not None:
                 self._skewed.add(lease.owner)
                 logger.warning(
-                    "peer %s wrote its lease %+.1f s from our clock: synchronize clocks (NTP), "
+                    "peer %s wrote its record %+.1f s from our clock: synchronize clocks (NTP), "
                     "or claims will collide and leases expire early",
                     lease.peer,
                     offset,
@@ -551,56 +517,45 @@ class ShardAssigner:
 
     # ---- publishing -------------------------------------------------------------------------------
 
-    def _store(self, key: str, value: dict, expiration: float) -> bool:
-        try:
-            with self._dht_lock:
-                future = self._dht.store(key, value, expiration, subkey=self._owner, return_future=True)
-            return bool(future.result(timeout=self._timing.request_timeout_s))
-        except Exception as e:
-            self._set_reachable(False, e)
-            return False
-
-    def _publish_lease(self) -> bool:
+    def _publish(self, *, leaving: bool = False) -> bool:
+        """Write this peer's whole record: claims renewed for `lease_s` (none when leaving), done shards."""
         with self._lock:
             now = get_dht_time()
-            if self._mine.held and 0 < self._mine.lease_exp < now:
+            if self._held and 0 < self._lease_until < now:
                 logger.warning(
                     "run %s: this peer's lease lapsed %.1f s ago (renewal late): others may read its shards too",
                     self._run_id,
-                    now - self._mine.lease_exp,
+                    now - self._lease_until,
                 )
-            self._mine.lease_exp = expiration = max(now + self._lease_s, self._mine.lease_exp + 1e-3)
-            claims = [dict(e=h.claim.epoch, i=h.index, t=h.claimed_at) for h in self._mine.held.values()]
-            value = dict(peer=self._peer, fp=self._fp, time=now, claims=claims)
-        ok = self._store(self._keys[0], value, expiration)
-        if not ok:
-            logger.debug("run %s: lease renewal was not stored", self._run_id)
-        return ok
+            self._lease_until = now if leaving else now + self._lease_s
+            # for one subkey the later expiration wins: keep them increasing
+            self._expiration = expiration = max(now + self._timing.done_ttl_s, self._expiration + 1e-3)
+            self._renewed = time.monotonic()
+            record = dict(
+                peer=self._peer,
+                fp=self._fp,
+                time=now,
+                lease_until=self._lease_until,
+                claims=[dict(e=h.claim.epoch, i=h.index, t=h.claimed_at) for h in self._held.values()],
+                complete=max(self._epoch - 1, -1),
+                done=[dict(e=e, shards=sorted(s)) for e, s in sorted(self._done.items())],
+            )
+        try:
+            with self._dht_lock:
+                future = self._dht.store(
+                    self._key, record, expiration, subkey=self._owner, return_future=True
+                )
+            if future.result(timeout=self._timing.request_timeout_s):
+                return True
+            logger.debug("run %s: our record was not stored", self._run_id)
+        except Exception as e:
+            self._set_reachable(False, e)
+        return False
 
-    def _flush(self) -> None:
-        """Publish new done records, then drop the finished shards from the lease and renew it."""
-        with self._lock:
-            dirty, self._mine.done_dirty = self._mine.done_dirty, False
-            finishing = [key for key, h in self._mine.held.items() if h.finishing]
-            now = get_dht_time()
-            self._mine.done_exp = expiration = max(now + self._timing.done_ttl_s, self._mine.done_exp + 1e-3)
-            done = [dict(e=e, shards=sorted(s)) for e, s in sorted(self._mine.done.items())]
-            value = dict(peer=self._peer, fp=self._fp, time=now, complete=max(self._epoch - 1, -1), done=done)
-        if dirty:
-            if self._store(self._keys[1], value, expiration):
-                with self._lock:
-                    for key in finishing:
-                        self._mine.held.pop(key, None)
-            else:
-                with self._lock:
-                    self._mine.done_dirty = True
-        self._publish_lease()
-
-    def _run(self) -> None:
-        """The renewal thread: republish the lease every `lease_s / 3`, and at once after a change."""
+    def _renew(self) -> None:
+        """The renewal thread: rewrite the record every `lease_s / 3`, and at once after a change."""
         while not self._closed.is_set():
-            self._wake.wait(self._lease_s / 3)
+            self._wake.wait(max(0.0, self._renewed + self._lease_s / 3 - time.monotonic()))
             self._wake.clear()
-            if self._closed.is_set():
-                break
-            self._flush()
+            if not self._closed.is_set():
+                self._publish()

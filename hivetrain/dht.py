@@ -48,15 +48,6 @@ class ClaimEntry(BaseModel):
     t: StrictFloat
 
 
-class LeaseRecord(BaseModel):
-    """A peer's shards in flight; the record expires `lease_s` after its last renewal."""
-
-    peer: _PeerName
-    fp: constr(strict=True, max_length=32)
-    time: StrictFloat
-    claims: conlist(ClaimEntry, max_items=4096)
-
-
 class EpochDone(BaseModel):
     """The shards (indices) a peer finished in epoch `e`."""
 
@@ -64,21 +55,27 @@ class EpochDone(BaseModel):
     shards: conlist(_Index, max_items=1_000_000)
 
 
-class DoneRecord(BaseModel):
-    """A peer's finished shards for the epochs still open, and the last epoch it saw complete."""
+class PeerRecord(BaseModel):
+    """A peer's part of the shard division, rewritten whole at every change and lease renewal.
 
-    peer: _PeerName
+    Its claims hold until `lease_until` (DHT time); the record itself lives for hours, so the shards a
+    peer finished still count after it is gone. One record per peer makes finishing a shard atomic:
+    it moves from `claims` to `done` in one write.
+    """
+
+    peer: constr(strict=True, max_length=128)
     fp: constr(strict=True, max_length=32)
     time: StrictFloat
+    lease_until: StrictFloat
+    claims: conlist(ClaimEntry, max_items=4096)
     complete: conint(strict=True, ge=-1)
     done: conlist(EpochDone, max_items=16)
 
 
 class RunRecords(BaseModel):
-    """Keys `<run_id>_lease` and `<run_id>_done`: one subkey per peer, the peer's `[owner:...]` key."""
+    """Key `<run_id>_shards`: one `PeerRecord` per peer, under the peer's `[owner:...]` subkey."""
 
-    lease: dict[BytesWithPublicKey, LeaseRecord]
-    done: dict[BytesWithPublicKey, DoneRecord]
+    shards: dict[BytesWithPublicKey, PeerRecord]
 
 
 def run_validators(

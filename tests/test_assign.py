@@ -19,8 +19,7 @@ from hivetrain.assign import (
     choose,
     confirmed,
     current_epoch,
-    parse_dones,
-    parse_leases,
+    parse_records,
     shard_list_fingerprint,
     shard_order,
 )
@@ -121,25 +120,32 @@ def test_finished_after_max_epochs():
 
 def test_parsing_ignores_and_reports_records_that_make_no_sense():
     fp = shard_list_fingerprint(NAMES)
-    good = dict(peer="p", fp=fp, time=NOW, claims=[dict(e=0, i=3, t=NOW)])
+    good = dict(
+        peer="p",
+        fp=fp,
+        time=NOW,
+        lease_until=NOW + 30,
+        claims=[dict(e=1, i=3, t=NOW)],
+        complete=-1,
+        done=[dict(e=0, shards=[1, 2])],
+    )
     entries = {
-        A: ValueWithExpiration(good, NOW + 10),
-        B: ValueWithExpiration(dict(good, claims=[dict(e=0, i=99, t=NOW)]), NOW + 10),  # no shard 99
-        C: ValueWithExpiration(dict(good, fp="another manifest"), NOW + 10),
-        b"[owner:d]": ValueWithExpiration(dict(good, claims=[dict(e=0, i=1, t=NOW + 3600)]), NOW + 10),
-        b"[owner:e]": ValueWithExpiration(b"garbage", NOW + 10),
-        b"[owner:f]": ValueWithExpiration(dict(good, time=1), NOW + 10),  # int: no silent conversion
+        A: good,
+        B: dict(good, claims=[dict(e=0, i=99, t=NOW)]),  # there is no shard 99
+        C: dict(good, done=[dict(e=0, shards=[12])]),
+        b"[owner:d]": dict(good, fp="another manifest"),
+        b"[owner:e]": dict(good, claims=[dict(e=0, i=1, t=NOW + 3600)]),  # from the future
+        b"[owner:f]": b"garbage",
+        b"[owner:g]": dict(good, time=1),  # an int: no silent conversion
+        b"[owner:h]": dict(good, complete="x"),
+        b"[owner:i]": {k: v for k, v in good.items() if k != "claims"},
     }
-    leases, bad = parse_leases(ValueWithExpiration(entries, NOW + 10), n=12, fp=fp, now=NOW)
-    assert [(x.owner, x.claims) for x in leases] == [(A, ((0, 3, NOW),))]
+    value = ValueWithExpiration({k: ValueWithExpiration(v, NOW + 10) for k, v in entries.items()}, NOW + 10)
+    leases, dones, bad = parse_records(value, n=12, fp=fp, now=NOW)
+    assert leases == [Lease(A, "p", NOW + 30, ((1, 3, NOW),), NOW)]
+    assert dones == [Done(A, "p", -1, {0: frozenset({1, 2})})]
     assert sorted(subkey for subkey, _ in bad) == sorted(set(entries) - {A})
-
-    done_ok = dict(peer="p", fp=fp, time=NOW, complete=-1, done=[dict(e=0, shards=[1, 2])])
-    entries = {A: ValueWithExpiration(done_ok, NOW), B: ValueWithExpiration(dict(done_ok, complete="x"), NOW)}
-    dones, bad = parse_dones(ValueWithExpiration(entries, NOW), n=12, fp=fp)
-    assert [(x.owner, x.shards) for x in dones] == [(A, {0: frozenset({1, 2})})]
-    assert [subkey for subkey, _ in bad] == [B]
-    assert parse_dones(None, n=12, fp=fp) == ([], [])
+    assert parse_records(None, n=12, fp=fp, now=NOW) == ([], [], [])
 
 
 def test_alone_without_dht_reads_every_shard_once_per_epoch_in_order(tmp_path, caplog):

@@ -24,7 +24,7 @@ import pytest
 from hivemind.utils import get_dht_time
 from hivemind.utils.crypto import RSAPrivateKey
 
-from hivetrain.assign import LeaseTiming, ShardAssigner, shard_order
+from hivetrain.assign import LeaseTiming, ShardAssigner, shard_list_fingerprint, shard_order
 from hivetrain.dht import ensure_run_validators, make_dht, signing_key, visible_addresses
 from tests.util import REPO, wait_until
 
@@ -261,7 +261,7 @@ def test_three_times_faster_peer_reads_about_three_times_more(swarm, run_id, tmp
 
 
 def test_hostile_peer_cannot_erase_forge_or_crash(swarm, run_id, tmp_path):
-    shards, lease_key, done_key = names(16), f"{run_id}_lease", f"{run_id}_done"
+    shards, key = names(16), f"{run_id}_shards"
     honest = [
         ShardAssigner(
             shards, dht=d, run_id=run_id, lease_s=5, max_epochs=1, log_dir=tmp_path / str(k), timing=FAST
@@ -273,26 +273,24 @@ def test_hostile_peer_cannot_erase_forge_or_crash(swarm, run_id, tmp_path):
     # the hostile peer signs with its own key but validates nothing, so its own node keeps whatever it sends
     hostile = make_dht(private_key=RSAPrivateKey(), initial_peers=visible_addresses(swarm[3]))
     try:
-        own, later = signing_key(hostile), get_dht_time() + 3600
-        empty = dict(peer="x", fp="f", time=get_dht_time(), claims=[])
-        hostile.store(lease_key, empty, later, subkey=victim)  # erase the victim's claims: unsigned
-        hostile.store(done_key, dict(peer="x", fp="f", time=1.0, complete=5, done=[]), later, subkey=victim)
-        hostile.store(lease_key, b"\x00garbage", later, subkey=own)  # wrong shape
-        hostile.store(lease_key, {"claims": "all of them"}, later, subkey=b"no owner")
-        # well-formed and signed but nonsense: another shard list, indices that do not exist
-        fp = honest[0]._fp
-        nonsense = dict(peer="x", fp=fp, time=get_dht_time(), claims=[dict(e=0, i=999, t=get_dht_time())])
-        hostile.store(lease_key, nonsense, get_dht_time() + 60, subkey=own)
-        bogus_done = dict(
-            peer="x", fp="0" * 16, time=get_dht_time(), complete=-1, done=[dict(e=0, shards=[0, 1])]
+        own, now = signing_key(hostile), get_dht_time()
+        empty = dict(peer="x", fp="f", time=now, lease_until=now, claims=[], complete=5, done=[])
+        hostile.store(
+            key, empty, now + 7200, subkey=victim
+        )  # erase the victim's claims, skip epochs: unsigned
+        hostile.store(key, b"\x00garbage", now + 3600, subkey=own)  # wrong shape
+        hostile.store(key, {"claims": "all of them"}, now + 3600, subkey=b"no owner")
+        # well-formed and signed but nonsense: a shard that does not exist
+        nonsense = dict(
+            empty, fp=shard_list_fingerprint(shards), complete=-1, claims=[dict(e=0, i=999, t=now)]
         )
-        hostile.store(done_key, bogus_done, later, subkey=own)
+        hostile.store(key, dict(nonsense, lease_until=now + 60), now + 3600, subkey=own)
 
         for a in honest:
             state = a.epoch_state()
             for claim, owner in held.items():
                 assert state[claim.shard] == {"state": "claimed", "holder": owner.peer_id}
-            assert a.malformed == 2  # the signed nonsense; the rest never got past the DHT's validators
+            assert a.malformed == 1  # the signed nonsense; the rest never got past the DHT's validators
         for claim, owner in held.items():
             owner.complete(claim, samples=1)
         in_threads(*(lambda a=a: consume(a, 0.02) for a in honest))

@@ -29,8 +29,9 @@ def first():
     dht.shutdown()
 
 
-def lease(peer="p", claims=()):
-    return dict(peer=peer, fp="f", time=get_dht_time(), claims=list(claims))
+def record(peer="p", claims=()):
+    now = get_dht_time()
+    return dict(peer=peer, fp="f", time=now, lease_until=now + 5, claims=list(claims), complete=-1, done=[])
 
 
 def test_peers_join_and_only_owners_write_their_records(first):
@@ -39,12 +40,12 @@ def test_peers_join_and_only_owners_write_their_records(first):
         mine, theirs = signing_key(first), signing_key(second)
         assert mine.startswith(b"[owner:ssh-rsa ") and mine != theirs
         expiration = get_dht_time() + 30
-        assert first.store(f"{RUN}_lease", lease(claims=[dict(e=0, i=1, t=1.5)]), expiration, subkey=mine)
+        assert first.store(f"{RUN}_shards", record(claims=[dict(e=0, i=1, t=1.5)]), expiration, subkey=mine)
         # the other peer's subkey: the signature check refuses it on every node
-        assert not first.store(f"{RUN}_lease", lease("forged"), expiration + 1, subkey=theirs)
+        assert not first.store(f"{RUN}_shards", record("forged"), expiration + 1, subkey=theirs)
         # the right owner but the wrong shape (an int where the schema wants a float): refused
-        assert not first.store(f"{RUN}_lease", dict(lease(), time=1), expiration + 1, subkey=mine)
-        seen = second.get(f"{RUN}_lease", latest=True).value
+        assert not first.store(f"{RUN}_shards", dict(record(), time=1), expiration + 1, subkey=mine)
+        seen = second.get(f"{RUN}_shards", latest=True).value
         assert list(seen) == [mine] and seen[mine].value["claims"] == [dict(e=0, i=1, t=1.5)]
     finally:
         second.shutdown()
@@ -56,8 +57,8 @@ def test_validators_are_added_to_a_plain_dht():
         key = ensure_run_validators(plain, RUN)
         assert key == signing_key(plain) and key.startswith(b"[owner:")
         assert ensure_run_validators(plain, RUN) == key  # idempotent
-        assert plain.store(f"{RUN}_lease", lease(), get_dht_time() + 30, subkey=key)
-        assert not plain.store(f"{RUN}_lease", {"claims": "all"}, get_dht_time() + 31, subkey=key)
+        assert plain.store(f"{RUN}_shards", record(), get_dht_time() + 30, subkey=key)
+        assert not plain.store(f"{RUN}_shards", {"claims": "all"}, get_dht_time() + 31, subkey=key)
     finally:
         plain.shutdown()
 
