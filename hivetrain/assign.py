@@ -29,7 +29,8 @@ import os
 import random
 import threading
 import time
-from collections.abc import Callable, Mapping, Sequence
+from collections import deque
+from collections.abc import Callable, Collection, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -137,8 +138,11 @@ def choose(
     rng: random.Random,
     spread: int = 8,
     max_epochs: int | None = None,
+    skip: Collection[tuple[int, int]] = (),
 ) -> Next:
-    """The next shard to claim: at random among the first `spread` free ones of the oldest open epoch."""
+    """The next shard to claim: at random among the first `spread` free ones of the oldest open epoch.
+
+    `skip` holds `(epoch, index)` pairs to treat as taken (those picked earlier in the same round)."""
     base = current_epoch(board)
     if max_epochs is not None and base >= max_epochs:
         return Next("finished", base)
@@ -146,7 +150,7 @@ def choose(
         if max_epochs is not None and epoch >= max_epochs:
             break
         done, held = board.done(epoch), board.holders(epoch)
-        free = [i for i in order(epoch) if i not in done and i not in held]
+        free = [i for i in order(epoch) if i not in done and i not in held and (epoch, i) not in skip]
         if free:
             return Next("claim", epoch, rng.choice(free[: max(spread, 1)]))
     return Next("wait", base)
@@ -231,6 +235,9 @@ class ShardAssigner:
         seed: with `run_id` and the epoch, seeds the shard order every peer agrees on.
         log_dir: where `shards.jsonl` gets one line per finished shard (epoch, shard, start, end, samples, peer).
         max_epochs: `next_claim` returns None once this many epochs are complete; None: no end.
+        batch: shards claimed per DHT round (publish, settle, re-read), handed out one per `next_claim`.
+            A round takes about `settle_s` plus two DHT round trips; a peer that reads shards faster than
+            that should claim several per round (its prefetch depth), or it reads no faster than it claims.
         timing: settle, poll and expiry times (`LeaseTiming`).
         rng: this peer's choice among free shards (default: seeded from os.urandom).
     """
@@ -245,6 +252,7 @@ class ShardAssigner:
         seed: int = 0,
         log_dir: Path | None = None,
         max_epochs: int | None = None,
+        batch: int = 1,
         timing: LeaseTiming = LeaseTiming(),
         rng: random.Random | None = None,
     ):
@@ -252,17 +260,19 @@ class ShardAssigner:
             raise ValueError("no shards to assign")
         if len(set(shards)) != len(shards):
             raise ValueError("shard names must be unique")
-        if lease_s <= 0:
-            raise ValueError(f"lease_s must be positive, got {lease_s}")
+        if lease_s <= 0 or batch < 1:
+            raise ValueError(f"lease_s must be positive and batch at least 1, got {lease_s} and {batch}")
         self._shards, self._index = list(shards), {name: i for i, name in enumerate(shards)}
         self._dht, self._run_id, self._seed, self._max_epochs = dht, run_id, seed, max_epochs
-        self._lease_s, self._timing = lease_s, timing
+        self._lease_s, self._timing, self._batch = lease_s, timing, batch
         self._key, self._fp = f"{run_id}_shards", shard_list_fingerprint(self._shards)
         self._rng = rng or random.Random(os.urandom(8))
         self._lock, self._dht_lock, self._log_lock = threading.RLock(), threading.Lock(), threading.Lock()
+        self._claim_lock = threading.Lock()  # one claim round at a time
         self._closed, self._wake = threading.Event(), threading.Event()
         # this peer's own state: the authority for its record, whatever the DHT returns
         self._held: dict[tuple[int, int], _Held] = {}
+        self._reserve: deque[Claim] = deque()  # claimed and confirmed, not handed out yet
         self._done: dict[int, set[int]] = {}
         self._expiration, self._lease_until, self._renewed = 0.0, 0.0, float("-inf")
         # what the last read saw
@@ -313,7 +323,7 @@ class ShardAssigner:
     def held(self) -> list[Claim]:
         """The claims this peer holds and has not completed or released."""
         with self._lock:
-            return [h.claim for h in self._held.values()]
+            return [h.claim for h in self._held.values() if h.claim not in self._reserve]
 
     def next_claim(self, timeout: float | None = None) -> Claim | None:
         """Claim the next free shard; several claims may be held at once (prefetch).
@@ -322,22 +332,39 @@ class ShardAssigner:
         `close()`, or when `max_epochs` epochs are complete.
         """
         deadline = None if timeout is None else time.monotonic() + timeout
-        while not self._closed.is_set():
-            board = self._read(max_age=self._timing.settle_s)  # the last claim's confirmation will do
-            spread = 1 if self.single_peer else 2 * len(board.live_peers())  # alone: the exact order
-            step = choose(board, self._order, rng=self._rng, spread=spread, max_epochs=self._max_epochs)
-            if step.kind == "finished":
-                return None
-            if step.kind == "claim":
-                claim = self._try_claim(step.epoch, step.index)
-                if claim is not None:
-                    return claim
-                continue
-            left = None if deadline is None else deadline - time.monotonic()
-            if left is not None and left <= 0:
-                return None
-            self._closed.wait(self._timing.poll_s if left is None else min(self._timing.poll_s, left))
-        return None
+        if not self._claim_lock.acquire(timeout=-1 if timeout is None else timeout):
+            return None
+        try:
+            while not self._closed.is_set():
+                if self._reserve:
+                    return self._reserve.popleft()
+                board = self._read(max_age=self._timing.settle_s)  # the last round's confirmation will do
+                spread = 1 if self.single_peer else 2 * len(board.live_peers())  # alone: the exact order
+                picks: list[tuple[int, int]] = []
+                for _ in range(self._batch):
+                    step = choose(
+                        board,
+                        self._order,
+                        rng=self._rng,
+                        spread=spread,
+                        max_epochs=self._max_epochs,
+                        skip=picks,
+                    )
+                    if step.kind != "claim":
+                        break
+                    picks.append((step.epoch, step.index))
+                if picks:
+                    self._reserve.extend(self._claim_round(picks))
+                    continue
+                if step.kind == "finished":
+                    return None
+                left = None if deadline is None else deadline - time.monotonic()
+                if left is not None and left <= 0:
+                    return None
+                self._closed.wait(self._timing.poll_s if left is None else min(self._timing.poll_s, left))
+            return None
+        finally:
+            self._claim_lock.release()
 
     def complete(self, claim: Claim, samples: int) -> None:
         """Record `claim` as read: a done record in the DHT and a line in `shards.jsonl`."""
@@ -386,6 +413,7 @@ class ShardAssigner:
             self._thread.join()
         with self._lock:
             self._held.clear()
+            self._reserve.clear()
         if self._dht is not None:
             self._publish(leaving=True)
         if self._log is not None:
@@ -406,25 +434,27 @@ class ShardAssigner:
             self._orders[epoch] = shard_order(self._run_id, self._seed, epoch, len(self._shards))
         return self._orders[epoch]
 
-    def _try_claim(self, epoch: int, index: int) -> Claim | None:
-        """Publish a claim, re-read after the settle time, keep it only if it is the earliest."""
-        claim = Claim(epoch, self._shards[index])
+    def _claim_round(self, picks: list[tuple[int, int]]) -> list[Claim]:
+        """Publish claims, re-read after the settle time, keep those that are the earliest."""
         with self._lock:
-            self._held[(epoch, index)] = _Held(claim, index, get_dht_time(), time.time())
+            now, start = get_dht_time(), time.time()
+            for epoch, index in picks:
+                self._held[(epoch, index)] = _Held(Claim(epoch, self._shards[index]), index, now, start)
         if self._dht is None:
-            return claim
+            return [Claim(epoch, self._shards[index]) for epoch, index in picks]
         self._publish()
         if self._closed.wait(self._timing.settle_s):
-            return None  # close() gives the claim back
-        if confirmed(self._read(), self._owner, epoch, index):
-            logger.debug("claimed shard %s of epoch %d", claim.shard, epoch)
-            return claim
-        with self._lock:
-            self._held.pop((epoch, index), None)
-        self.lost_races += 1
-        logger.debug("another peer claimed shard %s of epoch %d first; trying another", claim.shard, epoch)
-        self._publish()
-        return None
+            return []  # close() gives the claims back
+        board = self._read()
+        won = [pick for pick in picks if confirmed(board, self._owner, *pick)]
+        if len(won) < len(picks):
+            self.lost_races += len(picks) - len(won)
+            with self._lock:
+                for pick in set(picks) - set(won):
+                    self._held.pop(pick, None)
+            logger.debug("other peers claimed %d shard(s) first", len(picks) - len(won))
+            self._publish()
+        return [Claim(epoch, self._shards[index]) for epoch, index in won]
 
     # ---- reading the board ------------------------------------------------------------------------
 

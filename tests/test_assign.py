@@ -186,6 +186,18 @@ def test_prefetch_release_and_close_without_dht(tmp_path):
     assert assigner.held() == [] and assigner.next_claim(timeout=1) is None
 
 
+def test_claims_in_batches_are_handed_out_one_at_a_time():
+    assigner = ShardAssigner(NAMES, dht=None, run_id="solo", max_epochs=1, batch=4)
+    order = [NAMES[i] for i in shard_order("solo", 0, 0, len(NAMES))]
+    first = assigner.next_claim(timeout=1)
+    assert first.shard == order[0] and assigner.held() == [first]  # three more wait in reserve
+    assert assigner.epoch_state()[order[3]]["state"] == "claimed"
+    rest = [assigner.next_claim(timeout=1) for _ in range(len(NAMES) - 1)]
+    assert [c.shard for c in [first, *rest]] == order
+    assert assigner.next_claim(timeout=0.1) is None
+    assigner.close()
+
+
 def test_bad_arguments():
     with pytest.raises(ValueError, match="no shards"):
         ShardAssigner([], dht=None, run_id="r")
@@ -193,4 +205,6 @@ def test_bad_arguments():
         ShardAssigner(["a.tar", "a.tar"], dht=None, run_id="r")
     with pytest.raises(ValueError, match="lease_s"):
         ShardAssigner(["a.tar"], dht=None, run_id="r", lease_s=0)
+    with pytest.raises(ValueError, match="batch"):
+        ShardAssigner(["a.tar"], dht=None, run_id="r", batch=0)
     assert Claim(0, "a.tar") == Claim(0, "a.tar")

@@ -117,9 +117,16 @@ def run_id(request, swarm):
 
 def test_stable_peers_read_each_shard_once_per_epoch_in_the_agreed_order(swarm, run_id, tmp_path):
     shards, peers = names(30), swarm[:3]
-    assigners = [
+    assigners = [  # the last one claims two shards per round
         ShardAssigner(
-            shards, dht=d, run_id=run_id, lease_s=5, max_epochs=2, log_dir=tmp_path / str(k), timing=FAST
+            shards,
+            dht=d,
+            run_id=run_id,
+            lease_s=5,
+            max_epochs=2,
+            log_dir=tmp_path / str(k),
+            batch=1 + k // 2,
+            timing=FAST,
         )
         for k, d in enumerate(peers)
     ]
