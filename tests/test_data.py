@@ -294,6 +294,14 @@ def test_gpu_decode_without_cuda_falls_back_with_one_warning(shardset, caplog):
     assert all(b.images.dtype == torch.float32 and b.images.device.type == "cpu" for b in batches)
 
 
+def test_cuda_device_without_cuda_is_a_clear_error(shardset):
+    if torch.cuda.is_available():
+        pytest.skip("CUDA is present")
+    with pytest.raises(DataError) as e:
+        val_stream(shardset, options=LoaderOptions(device="cuda"), image_size=32)
+    assert str(e.value) == "loader option device is 'cuda', but CUDA is not available here"
+
+
 def test_missing_val_shard_is_a_clear_error(shardset, tmp_path):
     for ref in shard_refs(shardset, "val")[:2]:
         shutil.copy(ref.path, tmp_path)
@@ -311,6 +319,7 @@ def test_missing_val_shard_is_a_clear_error(shardset, tmp_path):
         ({"batch_size": 0}, "loader option batch_size must be at least 1, not 0"),
         ({"workers": -1}, "loader option workers must be at least 0, not -1"),
         ({"decode": "tpu"}, "loader option decode must be 'cpu' or 'gpu', not 'tpu'"),
+        ({"device": "gpu0"}, "loader option device: 'gpu0' is not a torch device"),
     ],
 )
 def test_bad_loader_options_are_clear_errors(options, message):

@@ -153,6 +153,8 @@ class _Feeder:
                 self.jobs.put_nowait(None)
             except queue.Full:
                 break
+        if hasattr(self.jobs, "cancel_join_thread"):  # never let undelivered jobs block interpreter exit
+            self.jobs.cancel_join_thread()
 
 
 class ShardStream:
@@ -189,6 +191,8 @@ class ShardStream:
         self._tracker = _Tracker()
         self._started = False
         self._recipe, self._device = recipe, torch.device(options.device)
+        if self._device.type == "cuda" and not torch.cuda.is_available():
+            raise DataError(f"loader option device is {options.device!r}, but CUDA is not available here")
         self._device_decoder = self._gpu_decoder(recipe, options, train)
         if self._device_decoder is not None:
             self._device = self._device_decoder.device

@@ -106,7 +106,7 @@ class LoaderOptions:
             the GPU; falls back to "cpu" with a warning when CUDA is absent).
         device: where batches are delivered ("cpu", "cuda", "cuda:1"); uint8 images travel there and
             are converted and normalised on it.
-        pin_memory: pin batches for fast copies to the GPU; None = when CUDA is available.
+        pin_memory: pin batches for fast copies to the GPU; None = when `device` is a CUDA device.
         prefetch_factor: items each worker prepares ahead.
         flush_after: seconds a worker waits for its next shard before it empties its shuffle buffer, so
             the training loop never waits on samples held back while the feed is idle (epoch ends).
