@@ -27,7 +27,7 @@ from typing import Any
 from tqdm import tqdm
 
 from ..errors import FetchError, ManifestError, ShardtoolError
-from ..fsutil import atomic_write_bytes
+from ..fsutil import atomic_write_bytes, atomic_write_text
 from ..manifest import MANIFEST_NAME, Manifest, Shard, human_bytes, load
 from .http import HttpFetcher, HttpOptions, Progress, ShardReport, verified_copy
 from .paths import base_url
@@ -330,7 +330,9 @@ def _from_swarm(manifest, split, todo, dest, options, urls, summary, bar) -> lis
             return []
         summary.problems.append(str(e))
         return todo
-    atomic_write_bytes(dest / manifest.sources.torrents[split].file, data)
+    torrent_path = dest / manifest.sources.torrents[split].file
+    if not torrent_path.exists() or torrent_path.read_bytes() != data:
+        atomic_write_bytes(torrent_path, data, fsync=False)
     infohash = manifest.sources.torrents[split].infohash
 
     def done(shard: Shard, path: Path) -> None:
@@ -436,21 +438,25 @@ def _from_http(todo, dest, options, urls, summary, bar) -> None:
 def prepare_destination(manifest: Manifest, dest: Path) -> None:
     """Write the manifest into `dest` (so that it can be served, seeded and verified later).
 
-    Refuses a folder whose manifest describes other data, rather than mixing two datasets.
+    Refuses a folder whose manifest describes other data, rather than mixing two datasets. Not fsynced:
+    on ext4 an fsync waits for every dirty block of the file system (seconds after a large fetch), and
+    a manifest lost to a power failure is simply written again by the next fetch.
     """
     target = dest / MANIFEST_NAME
     origin = manifest.origin
     if origin and not _is_url(origin) and Path(origin).resolve() == target.resolve():
         return
-    if target.exists():
-        try:
-            existing = load(target)
-        except ManifestError:
-            existing = None
-        if existing is not None and existing.fingerprint() != manifest.fingerprint():
-            raise FetchError(f"{target}: describes other data ({existing.dataset}); choose another --out")
+    text = manifest.to_json()
+    try:
+        if target.read_text() == text:
+            return
+        existing = load(target)
+    except (OSError, UnicodeDecodeError, ManifestError):
+        existing = None
+    if existing is not None and existing.fingerprint() != manifest.fingerprint():
+        raise FetchError(f"{target}: describes other data ({existing.dataset}); choose another --out")
     dest.mkdir(parents=True, exist_ok=True)
-    manifest.save(target)
+    atomic_write_text(target, text, fsync=False)
 
 
 def _is_url(location: str) -> bool:
