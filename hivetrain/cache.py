@@ -198,3 +198,5 @@ class ShardCache:
                 used -= size
                 self.stats.evicted += 1
                 log.debug("evicted %s from the shard cache", name)
+            if used + incoming > self.limit_bytes:
+                log.info("shard cache over its limit: every cached shard is in use (reading or queued)")

@@ -3,7 +3,10 @@
 `ClaimFeed` is the iterable a `ShardStream` reads. It claims the next shard from the `ShardAssigner`,
 starts its download in the shard cache at once, and yields `ShardRef`s (tagged with the claim) in
 claim order, keeping `depth` downloads in flight so that reading never waits on the network when the
-bandwidth allows. A shard that cannot be fetched from any source is released for others and counted.
+bandwidth allows. A shard that cannot be fetched from any source is released for others (their mirrors
+may serve it) and counted; once this peer has failed to fetch it `max_failures` times it is recorded as
+read with 0 samples and reported in `unavailable`, so that an epoch never waits forever for bytes that
+no source has.
 When the stream reports a shard finished, `finish` records it with the assigner and unpins it.
 """
 
@@ -33,11 +36,22 @@ class ClaimFeed:
         depth: shards claimed and downloading ahead of the one being read.
     """
 
-    def __init__(self, assigner: ShardAssigner, cache: ShardCache, *, split: str = "train", depth: int = 2):
+    def __init__(
+        self,
+        assigner: ShardAssigner,
+        cache: ShardCache,
+        *,
+        split: str = "train",
+        depth: int = 2,
+        max_failures: int = 3,
+    ):
         self.assigner, self.cache, self.depth = assigner, cache, max(1, depth)
+        self.max_failures = max_failures
         self._shards = {s.name: s for s in cache.manifest.split(split).shards}
         self._stop = threading.Event()
+        self._failures: dict[str, int] = {}
         self.fetch_failures = 0
+        self.unavailable: list[str] = []
         self.shards_read = 0
         self.samples_read = 0
 
@@ -62,9 +76,17 @@ class ClaimFeed:
                 path = future.result()
             except FetchError as e:
                 self.fetch_failures += 1
-                log.warning("giving %s back to the run: %s", claim.shard, e)
                 self.cache.unpin(claim.shard)
-                self.assigner.release(claim)
+                failures = self._failures[claim.shard] = self._failures.get(claim.shard, 0) + 1
+                if failures < self.max_failures:
+                    log.warning("giving %s back to the run (failure %d): %s", claim.shard, failures, e)
+                    self.assigner.release(claim)
+                else:
+                    log.error(
+                        "skipping %s in epoch %d: no source has good bytes: %s", claim.shard, claim.epoch, e
+                    )
+                    self.unavailable.append(claim.shard)
+                    self.assigner.complete(claim, 0)
                 continue
             yield ShardRef(path, shard.name, shard.num_samples, tag=claim)
         for claim, _ in pending:
