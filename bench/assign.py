@@ -6,8 +6,8 @@ Each peer is its own process. Every peer "reads" a shard by sleeping `--read` se
 times faster); after `--kill-at` seconds peer 3 gets SIGKILL (with its DHT), after `--join-at` seconds a
 ninth peer starts. The same scenario runs twice, side by side:
 
-* leases: `hivetrain.assign.ShardAssigner` over real hivemind DHTs on 127.0.0.1 (2 shards claimed per
-  round and 2 in flight, as a prefetching data plane would);
+* leases: `hivetrain.assign.ShardAssigner` over real hivemind DHTs on 127.0.0.1 (up to 4 shards held,
+  as a prefetching data plane would, claimed 2 per DHT round);
 * static: WebDataset's `split_by_node` (RANK/WORLD_SIZE) over the same per-epoch shard order, which is
   how WebDataset and MosaicML Streaming divide an epoch: fixed at its start. A joiner gets nothing.
 
@@ -20,6 +20,7 @@ from __future__ import annotations
 import argparse
 import collections
 import json
+import logging
 import os
 import platform
 import signal
@@ -56,6 +57,10 @@ def peer(args) -> None:
     """
     out = args.out / f"peer{args.rank}"
     out.mkdir(parents=True, exist_ok=True)
+    logging.basicConfig(
+        filename=out / "peer.log", level=logging.INFO, format="%(asctime)s %(name)s %(message)s"
+    )
+    logging.getLogger("hivetrain").setLevel(logging.DEBUG)
     claims = (out / "claims.jsonl").open("a")
 
     def log_claim(epoch, shard, asked, got):
@@ -127,7 +132,7 @@ def lease_peer(args, assigner, log_claim) -> None:
     import queue
     import threading
 
-    slots, ready = threading.Semaphore(2), queue.Queue()  # the data plane keeps 2 shards in flight
+    slots, ready = threading.Semaphore(4), queue.Queue()  # the data plane prefetches 4 shards
 
     def claimer():
         while True:
@@ -162,6 +167,7 @@ def scenario(mode: str, args, root: Path) -> dict:
 
         bootstrap = make_dht(run_id=RUN_ID)  # only an entry point: it claims nothing
         initial = visible_addresses(bootstrap)[0]
+    cpu = os.times()
     procs = []
     for rank in range(args.peers + 1):
         joiner = rank == args.peers
@@ -206,7 +212,10 @@ def scenario(mode: str, args, root: Path) -> dict:
                 os.killpg(proc.pid, signal.SIGKILL)
         if bootstrap is not None:
             bootstrap.shutdown()
-    return metrics(out, args, go=go, killed=killed, joined=joined)
+    used = os.times()
+    result = metrics(out, args, go=go, killed=killed, joined=joined)
+    result["cpu"] = used.children_user + used.children_system - cpu.children_user - cpu.children_system
+    return result
 
 
 def metrics(out: Path, args, *, go: float, killed: float, joined: float) -> dict:
@@ -279,6 +288,7 @@ def table(results: dict, args) -> str:
             f"{static['fast_vs_normal']:.2f}",
         ),
         ("run time (s)", s(lease["run_time"]), s(static["run_time"])),
+        ("CPU time of all peers, start-up included (s)", s(lease["cpu"]), s(static["cpu"])),
     ]
     width = max(len(r[0]) for r in rows)
     lines = [f"| {'':<{width}} | DHT leases | static split_by_node |", f"|{'-' * (width + 2)}|---|---|"]

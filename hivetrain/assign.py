@@ -341,17 +341,8 @@ class ShardAssigner:
                 board = self._read(max_age=self._timing.settle_s)  # the last round's confirmation will do
                 spread = 1 if self.single_peer else 2 * len(board.live_peers())  # alone: the exact order
                 picks: list[tuple[int, int]] = []
-                for _ in range(self._batch):
-                    step = choose(
-                        board,
-                        self._order,
-                        rng=self._rng,
-                        spread=spread,
-                        max_epochs=self._max_epochs,
-                        skip=picks,
-                    )
-                    if step.kind != "claim":
-                        break
+                kw = dict(rng=self._rng, spread=spread, max_epochs=self._max_epochs, skip=picks)
+                while len(picks) < self._batch and (step := choose(board, self._order, **kw)).kind == "claim":
                     picks.append((step.epoch, step.index))
                 if picks:
                     self._reserve.extend(self._claim_round(picks))
@@ -392,16 +383,14 @@ class ShardAssigner:
         """Per shard of `epoch` (default: the current one): `state` done/claimed/free and `holder` peer id."""
         board = self._read()
         epoch = current_epoch(board) if epoch is None else epoch
-        done, held = board.done(epoch), board.holders(epoch)
-        state = {}
-        for i, name in enumerate(self._shards):
+        done, held = board.done(epoch), {i: h[2] for i, h in board.holders(epoch).items()}
+
+        def state(i: int) -> dict:
             if i in done:
-                state[name] = {"state": "done", "holder": done[i]}
-            elif i in held:
-                state[name] = {"state": "claimed", "holder": held[i][2]}
-            else:
-                state[name] = {"state": "free", "holder": None}
-        return state
+                return {"state": "done", "holder": done[i]}
+            return {"state": "claimed", "holder": held[i]} if i in held else {"state": "free", "holder": None}
+
+        return {name: state(i) for i, name in enumerate(self._shards)}
 
     def close(self) -> None:
         """Publish what was finished, give back the shards still held, stop the renewal thread."""

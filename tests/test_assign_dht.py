@@ -309,6 +309,19 @@ def test_hostile_peer_cannot_erase_forge_or_crash(swarm, run_id, tmp_path):
         a.close()
 
 
+def test_a_peer_whose_clock_is_ahead_is_reported(swarm, run_id, caplog):
+    shards = names(4)
+    assigner = ShardAssigner(shards, dht=swarm[0], run_id=run_id, lease_s=5, timing=FAST)
+    now = get_dht_time()
+    ahead = dict(peer="ahead", fp=shard_list_fingerprint(shards), time=now + 10, lease_until=now + 15)
+    ahead.update(claims=[], complete=-1, done=[])
+    assert swarm[1].store(f"{run_id}_shards", ahead, now + 60, subkey=signing_key(swarm[1]))
+    assigner.epoch_state()
+    assert "peer ahead wrote its record +10." in caplog.text and "synchronize clocks" in caplog.text
+    assert not assigner.single_peer  # counted as a live peer all the same
+    assigner.close()
+
+
 def test_alone_then_unreachable_dht_still_covers_every_shard(tmp_path, caplog):
     caplog.set_level(logging.INFO, logger="hivetrain.assign")
     shards = names(12)
