@@ -59,6 +59,19 @@ def wait_port(port: int, timeout: float = 30) -> None:
     raise RuntimeError(f"nothing listens on port {port}")
 
 
+def seeders(tracker_port: int, infohash: str) -> int:
+    """How many seeders opentracker knows for `infohash` (its scrape answer)."""
+    import urllib.parse
+    import urllib.request
+
+    import libtorrent as lt
+
+    query = urllib.parse.quote_from_bytes(bytes.fromhex(infohash))
+    with urllib.request.urlopen(f"http://127.0.0.1:{tracker_port}/scrape?info_hash={query}", timeout=5) as r:
+        files = lt.bdecode(r.read()).get(b"files", {})
+    return next(iter(files.values()), {}).get(b"complete", 0)
+
+
 def timed(command: Callable[[], None], prepare: Callable[[], None]) -> float:
     prepare()
     start = time.perf_counter()
@@ -196,6 +209,11 @@ def main() -> None:
         while not (line := seeder.stdout.readline()).startswith("listening on"):
             if not line:
                 raise RuntimeError("shardtool seed exited")
+        deadline = time.monotonic() + 60
+        while seeders(tracker_port, info.infohash) < 1:  # fetchers must find the seeder on first announce
+            if time.monotonic() > deadline:
+                raise RuntimeError("the seeder never announced itself to opentracker")
+            time.sleep(0.2)
         torrent_file = src / info.file
         for n in (1, 3):
             outs_ours = [work / f"bt-ours-{i}" for i in range(n)]

@@ -10,6 +10,8 @@ import hashlib
 import json
 import socket
 import subprocess
+import urllib.parse
+import urllib.request
 from pathlib import Path
 
 import pytest
@@ -34,6 +36,16 @@ ARIA2_CLOSED = [
     "--console-log-level=warn",
     "--download-result=hide",
 ]
+
+
+def seeders(tracker_port: int, infohash: str) -> int:
+    """How many seeders opentracker knows for `infohash` (its scrape answer)."""
+    import libtorrent as lt
+
+    query = urllib.parse.quote_from_bytes(bytes.fromhex(infohash))
+    with urllib.request.urlopen(f"http://127.0.0.1:{tracker_port}/scrape?info_hash={query}", timeout=5) as r:
+        files = lt.bdecode(r.read()).get(b"files", {})
+    return next(iter(files.values()), {}).get(b"complete", 0)
 
 
 def sha256(path: Path) -> str:
@@ -74,6 +86,7 @@ def test_aria2c_downloads_from_shardtool_seed_through_opentracker(shard_dir, tmp
         stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True,
     )  # fmt: skip
     assert seed.stdout.readline().startswith(f"train magnet:?xt=urn:btih:{info.infohash}")
+    wait_until(lambda: seeders(tracker_port, info.infohash) == 1, what="the seeder's announce")
     out = tmp_path / "aria2"
     proc = subprocess.run(
         ["aria2c", f"--dir={out}", *ARIA2_CLOSED, "--seed-time=0", "--bt-stop-timeout=30",

@@ -40,6 +40,7 @@ from .torrent import TorrentOptions, check_torrent, connect_peers, file_indices,
 log = logging.getLogger(__name__)
 
 PRIORITY = 4
+REANNOUNCE = 10.0  # seconds without peers before asking the trackers again
 _CHECKING = (lt.torrent_status.checking_files, lt.torrent_status.checking_resume_data)
 
 
@@ -115,6 +116,7 @@ class _SwarmFetch:
         self.wanted_bytes = sum(s.size for s in wanted)
         self.last_data = time.monotonic()
         self.last_done = -1
+        self.last_announce = time.monotonic()
 
     def _params(self) -> lt.add_torrent_params:
         atp = lt.add_torrent_params()
@@ -301,6 +303,10 @@ class _SwarmFetch:
             self.progress(done - self.reported)
             self.reported = done
         self.last_done = done
+        if status.num_peers == 0 and now - self.last_announce > REANNOUNCE:
+            # a fetcher that announced before any seeder would otherwise wait a whole tracker interval
+            self.last_announce = now
+            self.handle.force_reannounce(0, -1, lt.reannounce_flags_t.ignore_min_interval)
         self._check_web_seeds()
         if self.hashing or self.renaming or status.state in _CHECKING:
             return
