@@ -130,8 +130,11 @@ def test_seed_checks_shards_and_uses_fast_resume_only_when_unchanged(tmp_path):
             not any(s.resumed for s in seeder.seeded)
             and seeder.status().seeding == manifest.split("train").num_bytes + manifest.split("val").num_bytes
         )
+    # a new tracker in the .torrent (same info-hash) is used although the resume data predates it
+    write_torrents(root / "manifest.json", trackers=["http://127.0.0.1:9/announce"])
     with Seeder(manifest, root, LOOPBACK) as seeder:
         assert all(s.resumed for s in seeder.seeded)
+        assert [t["url"] for t in seeder.seeded[0].handle.trackers()] == ["http://127.0.0.1:9/announce"]
 
     # same size, other bytes, new mtime: resume data is not trusted, the check finds it
     path = root / "train-000002.tar"

@@ -146,7 +146,13 @@ class Seeder:
         atp.renamed_files = {i: name for name, i in index.items()}
         keep = {index[s.name] for s in present}
         atp.file_priorities = [4 if i in keep else 0 for i in range(len(index))]
-        atp.flags &= ~(lt.torrent_flags.auto_managed | lt.torrent_flags.paused)
+        # resume data carries the trackers of its day and would override the .torrent's current ones
+        atp.flags &= ~(
+            lt.torrent_flags.auto_managed
+            | lt.torrent_flags.paused
+            | lt.torrent_flags.override_trackers
+            | lt.torrent_flags.override_web_seeds
+        )
         atp.flags |= lt.torrent_flags.upload_mode
         atp.trackers = list(self.options.trackers)
         handle = self.session.add_torrent(atp)
