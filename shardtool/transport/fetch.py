@@ -319,6 +319,8 @@ def _missing(chosen: list[Shard], dest: Path, *, recheck: bool, jobs: int) -> li
 
 def _from_swarm(manifest, split, todo, dest, options, urls, summary, bar) -> list[Shard]:
     """Fetch a split's shards from its torrent; returns those it did not deliver."""
+    from libtorrent import bdecode as lt_bdecode
+
     from .swarm import fetch_from_swarm
     from .torrent import TorrentOptions, read_torrent
 
@@ -348,15 +350,23 @@ def _from_swarm(manifest, split, todo, dest, options, urls, summary, bar) -> lis
         bar.update(n)
 
     web_seeds = []
+    torrent_options = options.torrent or TorrentOptions()
     if options.via == "auto":
         web_seeds = _web_seeds(urls, manifest.sources.torrents[split].name, todo[0], options.http.timeout)
+        meta = lt_bdecode(data)
+        finders = (
+            torrent_options.peers or torrent_options.trackers or torrent_options.dht or torrent_options.lsd
+        )
+        if not (web_seeds or finders or meta.get(b"announce") or meta.get(b"url-list")):
+            log.info("%s: the torrent has no way to find peers here; fetching over HTTP", split)
+            return todo
     result = fetch_from_swarm(
         data,
         manifest,
         split,
         todo,
         dest,
-        options.torrent or TorrentOptions(),
+        torrent_options,
         web_seeds=web_seeds,
         progress=progress,
         trust_existing=not options.recheck,
