@@ -5,8 +5,9 @@ worker counts, and vs single-process ceilings (PIL decode only; decode + transfo
     .venv/bin/python bench/loader.py [--images 3000] [--workers 0 1 2] [--batch-size 64]
 
 Data is generated once and cached under /tmp/bench-loader (an ImageFolder tree and shards of the same
-bytes). Each configuration runs --rounds times, interleaved, and the best rate is kept (the machine may be
-shared). Prints one table; ratios against a ceiling divide by (ceiling x max(1, workers)).
+bytes). Every configuration runs once per round, rounds alternate their order, and the table gives
+medians: of rates, and of ratios taken within each round, which cancels most of the drift of a shared
+machine. Ratios against a ceiling divide by (ceiling x max(1, workers)).
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ import argparse
 import io
 import os
 import resource
+import statistics
 import sys
 import time
 from pathlib import Path
@@ -126,7 +128,7 @@ def main() -> None:
     parser.add_argument("--images", type=int, default=3000)
     parser.add_argument("--workers", type=int, nargs="+", default=[0, 1, 2])
     parser.add_argument("--batch-size", type=int, default=64)
-    parser.add_argument("--rounds", type=int, default=3, help="interleaved repeats; the best is reported")
+    parser.add_argument("--rounds", type=int, default=5, help="interleaved repeats; medians are reported")
     parser.add_argument("--dir", type=Path, default=Path("/tmp/bench-loader"))
     args = parser.parse_args()
     torch.set_num_threads(1)  # per-image transforms: one thread per process, as in DataLoader workers
@@ -136,7 +138,7 @@ def main() -> None:
     print(
         f"{len(blobs)} JPEGs 500x375, mean {mean_kb:.0f} KB, {len(refs)} shards; {os.cpu_count()} cores, "
         f"load average {os.getloadavg()[0]:.1f}; Pillow {Image.__version__}, torch {torch.__version__}; "
-        f"batch {args.batch_size}, best of {args.rounds} interleaved rounds"
+        f"batch {args.batch_size}, median of {args.rounds} interleaved rounds"
     )
     runs = {
         "decode": lambda: ceiling_decode(blobs),
@@ -146,21 +148,29 @@ def main() -> None:
     for w in args.workers:
         runs[f"ours{w}"] = lambda w=w: ours(refs, recipe, w, args.batch_size)
         runs[f"folder{w}"] = lambda w=w: imagefolder(folder, recipe, w, args.batch_size)
-    best: dict[str, tuple[float, float]] = {}
+    results: list[dict[str, tuple[float, float]]] = []
     for r in range(args.rounds):
+        results.append({})
         names = list(runs) if r % 2 == 0 else list(reversed(runs))
         for name in names:
-            rate, cpu = measure(runs[name])
-            old = best.get(name, (0.0, float("inf")))
-            best[name] = (max(old[0], rate), min(old[1], cpu))
+            results[-1][name] = rate, cpu = measure(runs[name])
             print(f"round {r}: {name:10s} {rate:6.0f} img/s  {cpu:5.2f} CPU ms/img", file=sys.stderr)
 
-    decode, ceiling, batched = best["decode"], best["ceiling"], best["batched"]
+    def rate(name: str) -> float:
+        return statistics.median(r[name][0] for r in results)
+
+    def cpu(name: str) -> float:
+        return statistics.median(r[name][1] for r in results)
+
+    def ratio(name: str, base: str, scale: int = 1) -> float:
+        """Median over rounds of the ratio measured within each round (robust to a shared machine)."""
+        return statistics.median(r[name][0] / (r[base][0] * scale) for r in results)
+
     print(
-        f"single-process ceilings: A = PIL decode only {decode[0]:.0f} img/s ({decode[1]:.2f} CPU ms/img); "
-        f"B = decode + reference transform per image {ceiling[0]:.0f} img/s ({ceiling[1]:.2f}); "
-        f"C = decode + our per-image/per-batch split of the same transform {batched[0]:.0f} img/s "
-        f"({batched[1]:.2f})\n"
+        f"single-process ceilings (median img/s, CPU ms/img): A = PIL decode only {rate('decode'):.0f} "
+        f"({cpu('decode'):.2f}); B = decode + reference transform per image {rate('ceiling'):.0f} "
+        f"({cpu('ceiling'):.2f}); C = decode + the same transform split as our loader runs it (uint8 per "
+        f"image, normalise per batch) {rate('batched'):.0f} ({cpu('batched'):.2f})\n"
     )
     print(
         "| workers | hivetrain img/s | ImageFolder img/s | hivetrain / ImageFolder | "
@@ -169,12 +179,11 @@ def main() -> None:
     )
     print("|---" * 9 + "|")
     for w in args.workers:
-        (mine, mine_cpu), (theirs, theirs_cpu) = best[f"ours{w}"], best[f"folder{w}"]
-        scale = max(1, w)
+        mine, theirs, n = f"ours{w}", f"folder{w}", max(1, w)
         print(
-            f"| {w} | {mine:.0f} | {theirs:.0f} | {mine / theirs:.2f} | {mine / (ceiling[0] * scale):.0%} | "
-            f"{mine / (batched[0] * scale):.0%} | {mine / (decode[0] * scale):.0%} | {mine_cpu:.2f} | "
-            f"{theirs_cpu:.2f} |"
+            f"| {w} | {rate(mine):.0f} | {rate(theirs):.0f} | {ratio(mine, theirs):.2f} | "
+            f"{ratio(mine, 'ceiling', n):.0%} | {ratio(mine, 'batched', n):.0%} | {ratio(mine, 'decode', n):.0%} | "
+            f"{cpu(mine):.2f} | {cpu(theirs):.2f} |"
         )
 
 

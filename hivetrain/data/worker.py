@@ -22,6 +22,7 @@ from typing import Any
 import torch
 import webdataset as wds
 from torch.utils.data import IterableDataset, default_collate, get_worker_info
+from webdataset.tariterators import group_by_keys, tar_file_expander
 
 from ..transforms import DECODE_ERRORS, IMAGE_FIELDS, decode_image
 from .types import LoaderOptions
@@ -29,6 +30,7 @@ from .types import LoaderOptions
 log = logging.getLogger(__name__)
 
 _LOGGED_SKIPS_PER_SHARD = 3
+_READ_BUFFER = 1 << 20
 
 
 @dataclass(frozen=True)
@@ -107,9 +109,10 @@ class _Events:
 def _read_shards(jobs: Iterable[Job], events: _Events) -> Iterator[dict]:
     """Samples of each shard in turn, tagged with the shard; a report per shard once it is read.
 
-    Runs `wds.tarfile_samples` on one shard at a time rather than as one stage over all of them, because
-    only then is the per-shard count exact: across shards, webdataset drops its end-of-shard marker when
-    a tar fails, and a tar cut at a header ends without any error at all.
+    Runs webdataset's tar expansion and grouping (the two halves of `wds.tarfile_to_samples`) on one
+    shard at a time rather than as one stage over all of them, because only then is the per-shard count
+    exact: across shards, webdataset drops its end-of-shard marker when a tar fails, and a tar cut at a
+    header ends without any error at all. Opening the file here closes it when the shard ends.
     """
     for job in jobs:
         errors: list[Exception] = []
@@ -119,10 +122,13 @@ def _read_shards(jobs: Iterable[Job], events: _Events) -> Iterator[dict]:
             return True
 
         read = 0
-        for sample in wds.tarfile_samples([{"url": job.path}], handler=keep_going):
-            sample["__ticket__"], sample["__shard__"] = job.ticket, job.name
-            read += 1
-            yield sample
+        try:
+            for sample in _tar_samples(job.path, keep_going):
+                sample["__ticket__"], sample["__shard__"] = job.ticket, job.name
+                read += 1
+                yield sample
+        except OSError as e:  # opening failed; read errors go to the handler
+            errors.append(e)
         error = _describe(errors[0]) if errors else None
         if error:
             log.warning("%s: read error after %d samples: %s", job.path, read, error)
@@ -130,6 +136,12 @@ def _read_shards(jobs: Iterable[Job], events: _Events) -> Iterator[dict]:
 
 
 read_shards = wds.pipelinefilter(_read_shards)
+
+
+def _tar_samples(path: str, handler: Callable[[Exception], bool]) -> Iterator[dict]:
+    with open(path, "rb", buffering=_READ_BUFFER) as stream:
+        files = tar_file_expander([{"url": path, "stream": stream}], handler=handler)
+        yield from group_by_keys(files, handler=handler)
 
 
 def _describe(exn: Exception) -> str:
@@ -221,8 +233,9 @@ class _JobSource:
 class ShardDataset(IterableDataset):
     """The per-worker pipeline of webdataset stages over jobs from a queue (train) or a list (val)."""
 
-    def __init__(self, *, jobs: list[Job] | None, job_queue: Any, decode: Decode, options: LoaderOptions,
-                 shuffle: bool):  # fmt: skip
+    def __init__(
+        self, *, jobs: list[Job] | None, job_queue: Any, decode: Decode, options: LoaderOptions, shuffle: bool
+    ):
         super().__init__()
         self.jobs, self.job_queue, self.decode, self.options = jobs, job_queue, decode, options
         self.shuffle_buffer = options.shuffle_buffer if shuffle else 0
