@@ -3,6 +3,7 @@ corrupt samples and truncated shards counted, deterministic validation, worker c
 
 from __future__ import annotations
 
+import dataclasses
 import io
 import logging
 import multiprocessing as mp
@@ -231,6 +232,17 @@ def test_val_stream_is_complete_ordered_and_repeatable(shardset, workers):
     for a, b in zip(first, second):
         assert torch.equal(a.images, b.images)  # evaluation transforms are deterministic
         assert a.labels.tolist() == [label_of(k) for k in a.keys]
+
+
+def test_unlabeled_split_gives_label_minus_one(shardset):
+    unlabeled = dataclasses.replace(
+        shardset, splits={"test": dataclasses.replace(shardset.split("val"), labeled=False)}
+    )
+    batches = list(
+        val_stream(unlabeled, split="test", options=LoaderOptions(workers=0), image_size=32).batches()
+    )
+    labels = torch.cat([b.labels for b in batches])
+    assert len(labels) == VAL_SHARDS * PER_VAL_SHARD and set(labels.tolist()) == {-1}
 
 
 def test_feed_that_waits_for_completion_does_not_deadlock(shardset):
