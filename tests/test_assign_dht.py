@@ -14,6 +14,7 @@ import json
 import logging
 import os
 import queue
+import re
 import signal
 import sys
 import threading
@@ -115,21 +116,25 @@ def run_id(request, swarm):
     return run
 
 
-def test_stable_peers_read_each_shard_once_per_epoch_in_the_agreed_order(swarm, run_id, tmp_path):
+@pytest.fixture
+def peer(run_id, tmp_path):
+    """Makes ShardAssigners for this test's run (logging to tmp_path/<log>), closed when the test ends."""
+    made = []
+
+    def make(dht, log: str | None = None, **kw):
+        kw = dict(dict(run_id=run_id, lease_s=5, timing=FAST), **kw)
+        made.append(ShardAssigner(kw.pop("shards"), dht=dht, log_dir=log and tmp_path / log, **kw))
+        return made[-1]
+
+    yield make
+    for assigner in made:
+        assigner.close()
+
+
+def test_stable_peers_read_each_shard_once_per_epoch_in_the_agreed_order(swarm, run_id, peer, tmp_path):
     shards, peers = names(30), swarm[:3]
-    assigners = [  # the last one claims two shards per round
-        ShardAssigner(
-            shards,
-            dht=d,
-            run_id=run_id,
-            lease_s=5,
-            max_epochs=2,
-            log_dir=tmp_path / str(k),
-            batch=1 + k // 2,
-            timing=FAST,
-        )
-        for k, d in enumerate(peers)
-    ]
+    # the last one claims two shards per round
+    assigners = [peer(d, str(k), shards=shards, max_epochs=2, batch=1 + k // 2) for k, d in enumerate(peers)]
     in_threads(*(lambda a=a: consume(a, 0.02, prefetch=2) for a in assigners))
     lines = read_logs(*(tmp_path / str(k) for k in range(3)))
     assert reads_per_shard(lines) == {(e, s): 1 for e in (0, 1) for s in shards}
@@ -143,14 +148,12 @@ def test_stable_peers_read_each_shard_once_per_epoch_in_the_agreed_order(swarm, 
         lag = max(order.index(shards.index(name)) - rank for rank, name in enumerate(claimed))
         assert lag <= 12, (epoch, lag)
     assert shard_order(run_id, 0, 0, 30) != shard_order(run_id, 0, 1, 30)
-    for a in assigners:
-        a.close()
 
 
-def test_killed_peer_loses_nothing(swarm, run_id, tmp_path, children):
+def test_killed_peer_loses_nothing(swarm, run_id, peer, tmp_path, children):
     shards, lease_s = names(24), 2.0
     dead_dir = tmp_path / "dead"
-    peer = children.start(
+    doomed = children.start(
         sys.executable,
         "-m",
         "tests.test_assign_dht",
@@ -171,27 +174,26 @@ def test_killed_peer_loses_nothing(swarm, run_id, tmp_path, children):
         str(dead_dir),
         cwd=REPO,
     )
-    # let it finish a few shards and hold two more, then kill it without warning
-    wait_until(lambda: len(read_logs(dead_dir)) >= 2, timeout=60, what="the doomed peer to finish 2 shards")
-    os.killpg(peer.pid, signal.SIGKILL)  # the whole peer: its DHT process and p2p daemon too
+
+    def finished_two_and_holds_more():
+        claims = dead_dir / "claims.jsonl"
+        done = len(read_logs(dead_dir))
+        return done >= 2 and claims.exists() and len(claims.read_text().splitlines()) > done
+
+    # let it finish a few shards while it holds more, then kill it without warning
+    wait_until(
+        finished_two_and_holds_more, timeout=60, what="the doomed peer to finish 2 shards and hold more"
+    )
+    os.killpg(doomed.pid, signal.SIGKILL)  # the whole peer: its DHT process and p2p daemon too
     killed_at = time.time()
-    peer.wait(timeout=10)
+    doomed.wait(timeout=10)
     finished = {x["shard"] for x in read_logs(dead_dir)}
     claimed = {json.loads(line)["shard"] for line in (dead_dir / "claims.jsonl").read_text().splitlines()}
     in_flight = claimed - finished
     assert in_flight, "the killed peer held no claims"
 
     survivors = [
-        ShardAssigner(
-            shards,
-            dht=d,
-            run_id=run_id,
-            lease_s=lease_s,
-            max_epochs=1,
-            log_dir=tmp_path / str(k),
-            timing=FAST,
-        )
-        for k, d in enumerate(swarm[:2])
+        peer(d, str(k), shards=shards, lease_s=lease_s, max_epochs=1) for k, d in enumerate(swarm[:2])
     ]
     in_threads(*(lambda a=a: consume(a, 0.05) for a in survivors))
     lines = read_logs(dead_dir, tmp_path / "0", tmp_path / "1")
@@ -201,18 +203,11 @@ def test_killed_peer_loses_nothing(swarm, run_id, tmp_path, children):
     taken_over = [x for x in read_logs(tmp_path / "0", tmp_path / "1") if x["shard"] in in_flight]
     assert {x["shard"] for x in taken_over} == in_flight
     assert max(x["start"] for x in taken_over) <= killed_at + lease_s + 3.0  # once its lease ran out
-    for a in survivors:
-        a.close()
 
 
-def test_peer_joining_mid_run_gets_work_at_the_current_epoch(swarm, run_id, tmp_path):
+def test_peer_joining_mid_run_gets_work_at_the_current_epoch(swarm, run_id, peer, tmp_path):
     shards = names(24)
-    early = [
-        ShardAssigner(
-            shards, dht=d, run_id=run_id, lease_s=5, max_epochs=3, log_dir=tmp_path / str(k), timing=FAST
-        )
-        for k, d in enumerate(swarm[:2])
-    ]
+    early = [peer(d, str(k), shards=shards, max_epochs=3) for k, d in enumerate(swarm[:2])]
     joined = {}
 
     def join():
@@ -224,20 +219,12 @@ def test_peer_joining_mid_run_gets_work_at_the_current_epoch(swarm, run_id, tmp_
         dht = make_dht(private_key=RSAPrivateKey(), run_id=run_id, initial_peers=visible_addresses(swarm[2]))
         try:
             started = time.monotonic()
-            late = ShardAssigner(
-                shards,
-                dht=dht,
-                run_id=run_id,
-                lease_s=5,
-                max_epochs=3,
-                log_dir=tmp_path / "late",
-                timing=FAST,
-            )
+            late = peer(dht, "late", shards=shards, max_epochs=3)
             first = late.next_claim(timeout=10)
             joined.update(first=first, wait=time.monotonic() - started, epoch=late.epoch)
             late.complete(first, samples=1)
             consume(late, 0.05)
-            late.close()
+            late.close()  # before its DHT goes
         finally:
             dht.shutdown()
 
@@ -247,34 +234,22 @@ def test_peer_joining_mid_run_gets_work_at_the_current_epoch(swarm, run_id, tmp_
     lines = read_logs(tmp_path / "0", tmp_path / "1", tmp_path / "late")
     assert reads_per_shard(lines) == {(e, s): 1 for e in range(3) for s in shards}
     assert sum(x["peer"] not in {a.peer_id for a in early} for x in lines) >= 3
-    for a in early:
-        a.close()
 
 
-def test_three_times_faster_peer_reads_about_three_times_more(swarm, run_id, tmp_path):
+def test_three_times_faster_peer_reads_about_three_times_more(swarm, run_id, peer, tmp_path):
     shards = names(40)
     fast, slow = (
-        ShardAssigner(
-            shards, dht=d, run_id=run_id, lease_s=5, max_epochs=1, log_dir=tmp_path / name, timing=FAST
-        )
-        for name, d in (("fast", swarm[0]), ("slow", swarm[1]))
+        peer(swarm[k], name, shards=shards, max_epochs=1) for k, name in enumerate(("fast", "slow"))
     )
     in_threads(lambda: consume(fast, 0.15, prefetch=2), lambda: consume(slow, 0.45, prefetch=2))
     n_fast, n_slow = len(read_logs(tmp_path / "fast")), len(read_logs(tmp_path / "slow"))
     assert n_fast + n_slow == 40
     assert 2.0 <= n_fast / n_slow <= 4.5, (n_fast, n_slow)
-    fast.close()
-    slow.close()
 
 
-def test_hostile_peer_cannot_erase_forge_or_crash(swarm, run_id, tmp_path):
+def test_hostile_peer_cannot_erase_forge_or_crash(swarm, run_id, peer, tmp_path):
     shards, key = names(16), f"{run_id}_shards"
-    honest = [
-        ShardAssigner(
-            shards, dht=d, run_id=run_id, lease_s=5, max_epochs=1, log_dir=tmp_path / str(k), timing=FAST
-        )
-        for k, d in enumerate(swarm[:2])
-    ]
+    honest = [peer(d, str(k), shards=shards, max_epochs=1) for k, d in enumerate(swarm[:2])]
     held = {a.next_claim(timeout=10): a for a in honest for _ in range(2)}
     victim = signing_key(swarm[0])
     # the hostile peer signs with its own key but validates nothing, so its own node keeps whatever it sends
@@ -282,9 +257,8 @@ def test_hostile_peer_cannot_erase_forge_or_crash(swarm, run_id, tmp_path):
     try:
         own, now = signing_key(hostile), get_dht_time()
         empty = dict(peer="x", fp="f", time=now, lease_until=now, claims=[], complete=5, done=[])
-        hostile.store(
-            key, empty, now + 7200, subkey=victim
-        )  # erase the victim's claims, skip epochs: unsigned
+        # erase the victim's claims and skip epochs in its name: without its key, refused everywhere
+        hostile.store(key, empty, now + 7200, subkey=victim)
         hostile.store(key, b"\x00garbage", now + 3600, subkey=own)  # wrong shape
         hostile.store(key, {"claims": "all of them"}, now + 3600, subkey=b"no owner")
         # well-formed and signed but nonsense: a shard that does not exist
@@ -305,21 +279,20 @@ def test_hostile_peer_cannot_erase_forge_or_crash(swarm, run_id, tmp_path):
         hostile.shutdown()
     lines = read_logs(tmp_path / "0", tmp_path / "1")
     assert reads_per_shard(lines) == {(0, s): 1 for s in shards}
-    for a in honest:
-        a.close()
 
 
-def test_a_peer_whose_clock_is_ahead_is_reported(swarm, run_id, caplog):
+def test_a_peer_whose_clock_is_ahead_is_reported(swarm, run_id, peer, caplog):
     shards = names(4)
-    assigner = ShardAssigner(shards, dht=swarm[0], run_id=run_id, lease_s=5, timing=FAST)
+    assigner = peer(swarm[0], shards=shards)
     now = get_dht_time()
     ahead = dict(peer="ahead", fp=shard_list_fingerprint(shards), time=now + 10, lease_until=now + 15)
     ahead.update(claims=[], complete=-1, done=[])
     assert swarm[1].store(f"{run_id}_shards", ahead, now + 60, subkey=signing_key(swarm[1]))
     assigner.epoch_state()
-    assert "peer ahead wrote its record +10." in caplog.text and "synchronize clocks" in caplog.text
+    assert re.search(
+        r"peer ahead wrote its record \+(9|10)\.\d s from our clock: synchronize clocks", caplog.text
+    )
     assert not assigner.single_peer  # counted as a live peer all the same
-    assigner.close()
 
 
 def test_alone_then_unreachable_dht_still_covers_every_shard(tmp_path, caplog):
