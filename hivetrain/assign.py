@@ -400,7 +400,7 @@ class ShardAssigner:
         self._wake.set()
         if self._thread is not None:
             self._thread.join()
-        with self._lock:
+        with self._claim_lock, self._lock:  # after any claim round in flight
             self._held.clear()
             self._reserve.clear()
         if self._dht is not None:
@@ -426,6 +426,8 @@ class ShardAssigner:
     def _claim_round(self, picks: list[tuple[int, int]]) -> list[Claim]:
         """Publish claims, re-read after the settle time, keep those that are the earliest."""
         with self._lock:
+            if self._closed.is_set():
+                return []
             now, start = get_dht_time(), time.time()
             for epoch, index in picks:
                 self._held[(epoch, index)] = _Held(Claim(epoch, self._shards[index]), index, now, start)

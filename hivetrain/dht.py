@@ -189,8 +189,11 @@ def explain_start_failure(
             f"this machine's clock differs from the other peers' by more than {CLOCK_TOLERANCE_S:.0f} s "
             f"({text.strip()}): synchronize the clock (NTP, e.g. `timedatectl set-ntp true`) and retry"
         )
-    if identity_path is not None and ("identity" in text.lower() or "key" in text.lower()):
-        return PeerError(f"{identity_path}: cannot use this identity file: {text.strip()}")
+    if identity_path is not None and ("identity" in text.lower() or "cannot parse" in text):
+        return PeerError(
+            f"{identity_path}: cannot use this identity file ({text.strip()}): point identity_path at a key "
+            "file written by hivemind, or at a new path to create one"
+        )
     return PeerError(f"cannot start the DHT node: {type(e).__name__}: {text.strip() or 'no details'}")
 
 

@@ -82,6 +82,21 @@ def test_unreachable_initial_peers_are_retried_then_explained(caplog):
     assert "try 1 of 2" in caplog.text
 
 
+def test_identity_file_is_kept_and_bad_ones_are_explained(tmp_path):
+    path = tmp_path / "peer.id"
+    dht = make_dht(identity_path=path)
+    peer_id = dht.peer_id
+    dht.shutdown()
+    dht = make_dht(identity_path=path)
+    assert dht.peer_id == peer_id  # the same peer after a restart
+    dht.shutdown()
+    path.write_bytes(b"not a key")
+    with pytest.raises(PeerError, match=r"peer\.id: cannot use this identity file .*point identity_path at"):
+        make_dht(identity_path=path)
+    with pytest.raises(PeerError, match=r"x\.id: cannot use this identity file .*does not exist"):
+        make_dht(identity_path=tmp_path / "missing" / "x.id")
+
+
 def test_clock_skew_is_refused_with_the_fix(first, monkeypatch):
     real = hivemind.dht.protocol.get_dht_time
     monkeypatch.setattr(hivemind.dht.protocol, "get_dht_time", lambda: real() + 30.0)
