@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import gc
 import hashlib
 import json
 import logging
@@ -146,8 +147,12 @@ def build(
     source = open_source(src, options.layout, options.source)
     splits = options.splits or source.default_splits
     listings = {split: source.listing(split) for split in splits}
+    if options.strict:
+        for listing in listings.values():
+            for entry in listing.skipped[:1]:
+                raise BuildError(f"{entry['path']}: {entry['reason']} (--strict)")
     orders = {split: _order(listing.records, split, options) for split, listing in listings.items()}
-    notes = _compare_with_definition(source, listings, options)
+    notes = _compare_with_definition(source, listings)
     build_info = _build_info(source.layout, options)
     fingerprint = _fingerprint(build_info, orders)
     journal = _Journal.open(out, fingerprint, build_info, overwrite=overwrite)
@@ -155,9 +160,6 @@ def build(
     skipped: list[dict[str, str]] = []
     reports, result_splits = [], {}
     for split in splits:
-        if options.strict and listings[split].skipped:
-            first = listings[split].skipped[0]
-            raise BuildError(f"{first['path']}: {first['reason']} (--strict)")
         skipped += listings[split].skipped
         report = SplitReport(split, len(listings[split].records))
         shards, split_skipped = _build_split(
@@ -213,7 +215,7 @@ def _fingerprint(build_info: dict, orders: dict[str, list[Record]]) -> str:
     return digest.hexdigest()
 
 
-def _compare_with_definition(source, listings, options: BuildOptions) -> list[str]:
+def _compare_with_definition(source, listings) -> list[str]:
     """Notes on images missing compared with the known dataset this looks like (none if it is no known one)."""
     definition = datasets.match(source.layout, len(source.classes))
     if definition is None:
@@ -282,7 +284,9 @@ def _build_split(split, records, out, options, unlabeled, journal, report, progr
     pool = None
     check = functools.partial(_check, options=options.image)
     if options.workers > 0 and todo:
+        gc.freeze()  # forked workers share the record list: keep their garbage collector off its pages
         pool = multiprocessing.get_context("fork").Pool(options.workers, initializer=_worker_init)
+        gc.unfreeze()
         results = pool.imap(check, todo, chunksize=32)
     else:
         results = map(check, todo)

@@ -177,10 +177,9 @@ def val_labeler(root: Path, options: SourceOptions) -> tuple[str, Callable[[str,
         except OSError as e:
             raise BuildError(f"{path}: cannot read val labels ({e.strerror})") from None
         return str(path), _by_position(wnids)
-    for folder in (root, root.parent):
-        csv_path = folder / KAGGLE_VAL_SOLUTION
-        if csv_path.is_file():
-            return str(csv_path), _kaggle_solution(csv_path).get
+    csv_path = root / KAGGLE_VAL_SOLUTION
+    if csv_path.is_file():
+        return str(csv_path), _kaggle_solution(csv_path).get
     devkit = _Devkit.find(root)
     if devkit is not None:
         return f"{devkit.origin} (ground truth)", _by_position(devkit.val_wnids())
