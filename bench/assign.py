@@ -41,8 +41,11 @@ def shard_names(n: int) -> list[str]:
     return [f"train-{i:06d}.tar" for i in range(n)]
 
 
-def wait_for(path: Path, poll: float = 0.02) -> None:
+def wait_for(path: Path, timeout: float = 600.0, poll: float = 0.02) -> None:
+    deadline = time.monotonic() + timeout
     while not path.exists():
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"{path} did not appear within {timeout:.0f} s")
         time.sleep(poll)
 
 
@@ -190,8 +193,6 @@ def scenario(mode: str, args, root: Path) -> dict:
     try:
         for rank in range(args.peers + 1):
             wait_for(out / f"peer{rank}" / "ready")
-        if mode == "lease":
-            time.sleep(1.0)  # the peers publish their first heartbeats
         print(f"{mode}: {args.peers} peers ready, go", file=sys.stderr)
         go = time.time()
         (out / "go").touch()

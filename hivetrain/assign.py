@@ -197,7 +197,8 @@ class LeaseTiming:
     """How quickly claims are confirmed, re-read and forgotten (seconds).
 
     Attributes:
-        settle_s: wait between publishing a claim and re-reading it (covers the spread of DHT store times).
+        settle_s: least wait between publishing a claim and re-reading it; the wait grows to twice the
+            recent DHT store time, so that a rival's claim stored just before ours is seen.
         poll_s: re-read interval while every shard is in flight elsewhere.
         done_ttl_s: how long a peer's record outlives its last write (must outlast the longest epoch).
         request_timeout_s: a DHT call slower than this counts as the DHT being unreachable.
@@ -275,6 +276,7 @@ class ShardAssigner:
         self._reserve: deque[Claim] = deque()  # claimed and confirmed, not handed out yet
         self._done: dict[int, set[int]] = {}
         self._expiration, self._lease_until, self._renewed = 0.0, 0.0, float("-inf")
+        self._store_s = 0.0  # moving average of how long our DHT stores take
         # what the last read saw
         self._remote: tuple[list[Lease], list[Done]] = ([], [])
         self._fetched = float("-inf")
@@ -434,7 +436,7 @@ class ShardAssigner:
         if self._dht is None:
             return [Claim(epoch, self._shards[index]) for epoch, index in picks]
         self._publish()
-        if self._closed.wait(self._timing.settle_s):
+        if self._closed.wait(max(self._timing.settle_s, 2 * self._store_s)):
             return []  # close() gives the claims back
         board = self._read()
         won = [pick for pick in picks if confirmed(board, self._owner, *pick)]
@@ -562,11 +564,14 @@ class ShardAssigner:
                 done=[dict(e=e, shards=sorted(s)) for e, s in sorted(self._done.items())],
             )
         try:
+            started = time.monotonic()
             with self._dht_lock:
                 future = self._dht.store(
                     self._key, record, expiration, subkey=self._owner, return_future=True
                 )
-            if future.result(timeout=self._timing.request_timeout_s):
+            stored = future.result(timeout=self._timing.request_timeout_s)
+            self._store_s += 0.3 * (time.monotonic() - started - self._store_s)
+            if stored:
                 return True
             logger.debug("run %s: our record was not stored", self._run_id)
         except Exception as e:
