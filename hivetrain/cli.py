@@ -35,9 +35,13 @@ def _route_hivemind_logs(verbose: int) -> None:
     from hivemind.utils.logging import use_hivemind_log_handler
 
     use_hivemind_log_handler("nowhere")
-    logging.getLogger("hivemind").setLevel(logging.INFO if verbose > 1 else logging.ERROR)
+    # Failed averaging rounds and the like are routine in a swarm (peers come and go) and hivemind
+    # recovers from them; hivetrain reports what matters to the user itself.
+    levels = {0: logging.CRITICAL, 1: logging.WARNING}
+    logging.getLogger("hivemind").setLevel(levels.get(verbose, logging.INFO))
     if not verbose:
         logging.getLogger("asyncio").addFilter(lambda r: "Task was destroyed" not in r.getMessage())
+        warnings.filterwarnings("ignore", message=r"Detected call of `lr_scheduler\.step\(\)` before")
 
 
 @cli.command()

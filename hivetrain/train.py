@@ -224,9 +224,9 @@ class Peer:
     def _catch_up(self) -> None:
         """A late joiner downloads the run's current state before it computes a single gradient."""
         tracker = self.opt.tracker
-        tracker.fetched_global_progress_this_epoch.wait(timeout=5.0)
-        progress = tracker.global_progress
-        if progress.num_peers > 1 and progress.epoch > self.opt.local_epoch:
+        tracker.fetched_global_progress_this_epoch.wait(timeout=10.0)
+        progress = tracker.global_progress  # its epoch is the most advanced peer's (ours when alone)
+        if progress.epoch > self.opt.local_epoch:
             log.info("the run is at global step %d: downloading its state from peers", progress.epoch)
             self.opt.load_state_from_peers()
             log.info("loaded state from peers: now at global step %d", self.opt.local_epoch)
@@ -388,6 +388,7 @@ class Peer:
         for what, step in steps:
             if not step:
                 continue
+            log.debug("shutdown: %s", what)
             try:
                 step()
             except Exception as e:  # shutting down: report and carry on with the rest

@@ -1,0 +1,198 @@
+"""hivetrain run: recipes and checkpoints (fast), and real peers training together on loopback (slow)."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import signal
+from pathlib import Path
+
+import pytest
+import torch
+
+from hivetrain import checkpoint, recipe
+from hivetrain.errors import CheckpointError, HivetrainError
+from shardtool.transport.serve import ShardServer
+from tests.shardset import make_shard_set
+from tests.util import BIN, cli, wait_until
+
+# ---- recipes, schedule, checkpoints ------------------------------------------------------------
+
+
+def test_schedule_warms_up_then_decays_to_zero():
+    factors = [recipe.lr_factor(s, warmup=4, total=20) for s in range(21)]
+    assert factors[:5] == sorted(factors[:5]) and factors[3] < 1.0
+    assert factors[4] == pytest.approx(1.0)
+    assert factors[4:] == sorted(factors[4:], reverse=True)
+    assert factors[20] == pytest.approx(0.0)
+
+
+def test_recipes_by_dataset(tmp_path):
+    m = make_shard_set(tmp_path, {"train": (1, 2)})
+    r = recipe.training_recipe(m, image_size=32)
+    assert (r.model, r.image_size) == ("resnet18", 32)
+    assert r.peak_lr == pytest.approx(0.1 * r.target_global_bsz / 256)
+    m.dataset = "imagenet-1k"
+    m.classes = m.classes * 250
+    assert recipe.training_recipe(m).model == "resnet50"
+    with pytest.raises(HivetrainError, match="at least --batch"):
+        recipe.training_recipe(m, batch=128, target_global_bsz=64)
+    m.classes = m.classes[:10]
+    with pytest.raises(HivetrainError, match="should have 1000 classes"):
+        recipe.training_recipe(m)
+
+
+def test_small_stem_keeps_resolution_and_bn_buffers_are_found():
+    r = recipe.TrainingRecipe("resnet18", 32, small_stem=True)
+    model = recipe.build_model(r, 10)
+    assert model(torch.zeros(2, 3, 32, 32)).shape == (2, 10)
+    assert len(recipe.batchnorm_buffers(model)) == 2 * 20  # 20 BatchNorm layers in a ResNet-18
+    groups = recipe.param_groups(model, 5e-4)
+    assert sum(len(g["params"]) for g in groups) == len(list(model.parameters()))
+    assert all(p.ndim == 1 for p in groups[1]["params"])
+
+
+def test_checkpoint_round_trip_and_identity_checks(tmp_path):
+    ident = checkpoint.Identity("cifar-10", "abc", "resnet18", 10, 32)
+    checkpoint.save(tmp_path / "latest.pt", identity=ident, state={"global_step": 7})
+    assert checkpoint.load(tmp_path, expect=ident)["global_step"] == 7
+    other = checkpoint.Identity("cifar-10", "abc", "resnet50", 10, 32)
+    with pytest.raises(CheckpointError, match="checkpoint is for model 'resnet18', this run has 'resnet50'"):
+        checkpoint.load(tmp_path / "latest.pt", expect=other)
+    (tmp_path / "broken.pt").write_bytes(b"not a checkpoint")
+    with pytest.raises(CheckpointError, match="cannot read the checkpoint"):
+        checkpoint.load(tmp_path / "broken.pt")
+    with pytest.raises(CheckpointError, match="no such checkpoint"):
+        checkpoint.load(tmp_path / "missing.pt")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["broken.pt", "latest.pt"]  # no temp files left
+
+
+# ---- the command line: user errors are one line -----------------------------------------------
+
+
+def one_line_error(proc, *fragments):
+    assert proc.returncode != 0
+    lines = proc.stderr.strip().splitlines()
+    assert "Traceback" not in proc.stderr, proc.stderr
+    assert all(f in lines[-1] for f in fragments), proc.stderr
+
+
+def test_cli_errors(tmp_path):
+    one_line_error(
+        cli("hivetrain", "run", "--shards", tmp_path / "none.json"), "none.json", "no such manifest"
+    )
+    make_shard_set(tmp_path / "s", {"train": (1, 4), "val": (1, 4)})
+    ident = checkpoint.Identity("other", "x", "resnet18", 4, 32)
+    checkpoint.save(tmp_path / "ck" / "latest.pt", identity=ident, state={})
+    base = ("hivetrain", "run", "--shards", tmp_path / "s", "--image-size", "32", "--log-dir", tmp_path / "l")
+    one_line_error(
+        cli(*base, "--resume-from", tmp_path / "ck"), "latest.pt", "checkpoint is for dataset 'other'"
+    )
+    one_line_error(cli(*base, "--initial-peer", "/ip4/127.0.0.1/tcp/1"), "not a full multiaddr")
+    one_line_error(cli(*base, "--weights", tmp_path / "nope.pt"), "nope.pt", "no such weights file")
+
+
+# ---- real peers --------------------------------------------------------------------------------
+
+TRAIN = {"train": (16, 16), "val": (2, 32)}  # 256 training samples in 16 shards, 4 colour classes
+
+
+def peer_args(url, log_dir, *extra):
+    return [
+        BIN / "hivetrain", "run", "--shards", url, "--run-id", "e2e", "--image-size", "32", "--batch", "16",
+        "--target-global-bsz", "64", "--workers", "0", "--matchmaking-time", "2", "--averaging-timeout", "15",
+        "--lease", "4", "--log-dir", log_dir, *extra,
+    ]  # fmt: skip
+
+
+def start_peer(children, url, log_dir: Path, *extra):
+    log_dir.mkdir(parents=True, exist_ok=True)
+    out = open(log_dir / "stdout.txt", "w")  # noqa: SIM115 (closed with the process)
+    return children.start(*peer_args(url, log_dir, *extra), stdout=out, stderr=out)
+
+
+def maddr(log_dir: Path) -> str:
+    return wait_until(lambda: (log_dir / "maddrs.txt").exists() and (log_dir / "maddrs.txt").read_text().split(),
+                      timeout=60, what="the first peer's address")[0]  # fmt: skip
+
+
+def jsonl(path: Path) -> list[dict]:
+    return [json.loads(x) for x in path.read_text().splitlines()] if path.exists() else []
+
+
+def finish(proc, log_dir: Path, timeout=300) -> str:
+    proc.wait(timeout=timeout)
+    text = (log_dir / "stdout.txt").read_text()
+    assert proc.returncode == 0, text[-3000:]
+    return text
+
+
+@pytest.fixture
+def served(tmp_path):
+    make_shard_set(tmp_path / "shards", TRAIN)
+    with ShardServer(tmp_path / "shards") as server:
+        yield server.url + "manifest.json"
+
+
+@pytest.mark.slow
+def test_two_peers_share_epochs_and_learn(served, tmp_path, children):
+    a, b = tmp_path / "a", tmp_path / "b"
+    pa = start_peer(children, served, a, "--epochs", "3", "--checkpoint-dir", a / "ck")
+    pb = start_peer(children, served, b, "--epochs", "3", "--initial-peer", maddr(a))
+    out_a, out_b = finish(pa, a), finish(pb, b)
+    steps = [jsonl(d / "metrics.jsonl")[-1]["global_step"] for d in (a, b)]
+    # Both stop together, when the 3 data epochs are read. A global step averages at least 64 samples
+    # (more when several peers finish their batch as the target is reached), so 12 steps at most.
+    assert abs(steps[0] - steps[1]) <= 1 and 4 <= max(steps) <= math.ceil(3 * 256 / 64), (out_a, out_b)
+    reads = jsonl(a / "shards.jsonl") + jsonl(b / "shards.jsonl")
+    first = sorted(r["shard"] for r in reads if r["epoch"] == 0)
+    assert first == [f"train-{i:06d}.tar" for i in range(16)], "epoch 0: each shard read exactly once"
+    assert {r["peer"] for r in reads if r["epoch"] == 0} == {r["peer"] for r in reads}  # both peers read
+    assert len({r["peer"] for r in reads}) == 2
+    for out in (out_a, out_b):
+        top1 = float(out.rsplit("val top-1 ", 1)[1].split("%")[0])
+        assert top1 > 60.0, out[-2000:]  # 4 classes: chance is 25%
+    assert (a / "ck" / "latest.pt").exists() and (a / "ck" / "best.pt").exists()
+
+
+@pytest.mark.slow
+def test_resume_continues_at_the_saved_step(served, tmp_path, children):
+    first, second = tmp_path / "first", tmp_path / "second"
+    ck = tmp_path / "ck"
+    finish(start_peer(children, served, first, "--max-steps", "3", "--checkpoint-dir", ck), first)
+    saved = checkpoint.load(ck)["global_step"]
+    assert saved == 3
+    out = finish(start_peer(children, served, second, "--max-steps", "5", "--resume-from", ck), second)
+    assert "resumed from" in out and "at global step 3" in out
+    metrics = jsonl(second / "metrics.jsonl")
+    assert metrics[0]["global_step"] >= 3 and metrics[-1]["global_step"] == 5
+
+
+@pytest.mark.slow
+def test_late_joiner_loads_state_a_killed_peer_loses_nothing_and_sigterm_stops_cleanly(
+    served, tmp_path, children
+):
+    a, b = tmp_path / "a", tmp_path / "b"
+    pa = start_peer(children, served, a, "--epochs", "100", "--checkpoint-dir", a / "ck")
+    wait_until(lambda: any(m.get("global_step", 0) >= 3 for m in jsonl(a / "metrics.jsonl")), timeout=180,
+               what="the first peer to reach global step 3")  # fmt: skip
+    pb = start_peer(children, served, b, "--epochs", "100", "--initial-peer", maddr(a))
+    wait_until(lambda: len(jsonl(b / "shards.jsonl")) >= 2, timeout=180, what="the joiner to read two shards")
+    assert jsonl(b / "metrics.jsonl")[0]["global_step"] >= 3, "the joiner starts from the run's state"
+    assert "downloading its state from peers" in (b / "stdout.txt").read_text()
+    os.killpg(pb.pid, signal.SIGKILL)
+    last_b = max(r["epoch"] for r in jsonl(b / "shards.jsonl"))
+    wait_until(lambda: any(r["epoch"] > last_b + 1 for r in jsonl(a / "shards.jsonl")), timeout=240,
+               what="the survivor to finish the epoch the killed peer was in")  # fmt: skip
+    pa.send_signal(signal.SIGTERM)
+    out = finish(pa, a, timeout=60)
+    assert "SIGTERM: stopping" in out and "stopped at global step" in out
+    assert (a / "ck" / "latest.pt").exists()
+    reads = jsonl(a / "shards.jsonl") + jsonl(b / "shards.jsonl")
+    everything = [f"train-{i:06d}.tar" for i in range(16)]
+    for epoch in range(last_b + 2):  # every epoch up to the one after the kill is complete
+        shards = sorted(r["shard"] for r in reads if r["epoch"] == epoch)
+        assert sorted(set(shards)) == everything, f"epoch {epoch}"
+        # Only a shard the killed peer finished but had not yet announced can be read twice.
+        assert len(shards) - 16 <= (2 if epoch == last_b else 0), f"epoch {epoch}: {shards}"
