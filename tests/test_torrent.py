@@ -28,7 +28,7 @@ from shardtool.transport.swarm import fetch_from_swarm
 from shardtool.transport.torrent import TorrentOptions, create_torrent, piece_size_for, write_torrents
 from tests.faulty_http import Faults, FaultyMirror
 from tests.shardset import make_shard_set
-from tests.util import BIN, cli
+from tests.util import BIN, cli, wait_until
 
 LOOPBACK = TorrentOptions(listen="127.0.0.1:0", stall_timeout=20)
 
@@ -155,9 +155,10 @@ def test_seed_checks_shards_and_uses_fast_resume_only_when_unchanged(tmp_path):
 
 def test_seed_cli_then_fetch_cli_a_subset(seeded, tmp_path, children):
     root, _ = seeded
+    errors = tmp_path / "seed.err"
     proc = children.start(
         BIN / "shardtool", "seed", root / "manifest.json", "--listen", "127.0.0.1:0",
-        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+        stdout=subprocess.PIPE, stderr=errors.open("w"), text=True,
     )  # fmt: skip
     lines = [proc.stdout.readline() for _ in range(3)]
     infohash = load(root).sources.torrents["train"].infohash
@@ -175,9 +176,13 @@ def test_seed_cli_then_fetch_cli_a_subset(seeded, tmp_path, children):
     assert same_files(root, out, ["train-000001.tar", "train-000002.tar"])
     assert not list((out / ".shardtool-partial").glob("*.bt"))  # renamed into place, nothing left over
     assert (out / "testset-train.torrent").exists()  # so that this folder can seed in turn
+    wait_until(
+        lambda: re.search(r"seeding: \d+ peers, up .*/s, uploaded .*, ratio \d", errors.read_text()),
+        what="the status line",
+    )
     proc.send_signal(signal.SIGINT)
     assert proc.wait(timeout=30) == 0
-    assert "stopped" in proc.stderr.read()
+    assert errors.read_text().rstrip().endswith("stopped")
 
 
 def test_fetch_shard_via_torrent_resumes_a_partial_file(seeded, tmp_path):
@@ -227,6 +232,22 @@ def test_web_seed_only_fetch_from_serve(tmp_path):
         and all(v.startswith("torrent:") for v in summary.fetched.values())
     )
     assert same_files(root, out, [s.name for s in manifest.split("train").shards])
+
+
+def test_auto_uses_mirrors_as_web_seeds(tmp_path):
+    """--via auto: the torrent, with a mirror that has the web-seed layout and Range support as web seed."""
+    root = build(tmp_path / "shards")
+    manifest = load(root)
+    with ShardServer(root) as server:
+        summary = fetch_shards(
+            manifest,
+            {"train": manifest.split("train").shards},
+            tmp_path / "out",
+            FetchOptions(mirrors=(server.url,), progress=False, torrent=LOOPBACK),
+        )
+    infohash = manifest.sources.torrents["train"].infohash
+    assert summary.ok and set(summary.fetched.values()) == {f"torrent:{infohash}"}
+    assert same_files(root, tmp_path / "out", [s.name for s in manifest.split("train").shards])
 
 
 def test_corrupt_web_seed_next_to_a_good_peer(seeded, tmp_path):
