@@ -46,7 +46,7 @@ log = logging.getLogger(__name__)
 Progress = Callable[[int], None]
 """Called with byte deltas as data is accepted (negative when a partial file is thrown away)."""
 
-MIN_PROGRESS = 1 << 20  # an attempt that got at least this much does not use up a retry
+MIN_PROGRESS = 64 << 10  # an attempt that got at least this much does not use up a retry
 READ_SIZE = 1 << 20  # most bytes asked of one read; a read returns what one recv() got
 MAX_CHUNKS = 512  # per writev (the system's limit is 1024)
 
@@ -103,6 +103,7 @@ class _Partial:
         self.batch = batch
         self.progress = progress
         self.size = 0  # bytes hashed and written
+        self.received = 0  # bytes that came over the network in this session, kept or not
         self.digest = hashlib.sha256()
         self._pending: Future | None = None
         self._pool = ThreadPoolExecutor(1, "shard-writer")
@@ -157,6 +158,7 @@ class _Partial:
             while rest:
                 rest = rest[os.write(self._fd, rest) :]
         self.size += size
+        self.received += size
         if self.progress:
             self.progress(size)
 
@@ -275,9 +277,7 @@ class HttpFetcher:
                 os.replace(partial.path, final)
                 if self.options.fsync:
                     fsync_dir(dest)
-                return ShardReport(
-                    shard.name, final, url, shard.size - resumed_from, resumed_from, tuple(problems)
-                )
+                return ShardReport(shard.name, final, url, partial.received, resumed_from, tuple(problems))
             raise FetchError(f"{shard.name}: no source gave good bytes ({'; '.join(problems)})")
 
     def _download(self, url: str, shard: Shard, partial: _Partial) -> None:
@@ -293,8 +293,9 @@ class HttpFetcher:
             try:
                 self._attempt(url, shard, partial)
             except _Transient as e:
-                if partial.size - before < MIN_PROGRESS:
-                    failures += 1
+                # an attempt that moved the file on starts the count afresh (each such one advances it by
+                # MIN_PROGRESS at least, so this ends); only attempts that got (almost) nothing add up
+                failures = 0 if partial.size - before >= MIN_PROGRESS else failures + 1
                 if failures > self.options.retries:
                     raise _SourceFailed(f"{e} (gave up after {failures} tries)") from None
                 delay = min(self.options.max_backoff, self.options.backoff * 2 ** max(failures - 1, 0))
