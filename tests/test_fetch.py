@@ -341,6 +341,7 @@ def test_user_errors(shard_dir, tmp_path):
         ([], f"{manifest}: no HTTP source and no torrent (pass a mirror with --from URL)"),
         (["--via", "torrent"], f"{manifest}: no torrent for split 'train'; fetch with --via http"),
         (["--from", "ftp://x/"], "--from ftp://x/: not an http(s) URL"),
+        (["--peer", "nohost"], "--peer 'nohost' is not HOST:PORT"),
     ]
     for args, message in cases:
         proc = cli("shardtool", "fetch", manifest, "--out", tmp_path / "out", *args)

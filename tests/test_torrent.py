@@ -105,7 +105,10 @@ def test_torrent_cli_and_its_errors(tmp_path):
         f"Error: {root / 'train-000001.tar'}: sha256 differs from the manifest (re-fetch or rebuild it)"
     )
     assert (root / "manifest.json").read_bytes() == before and not list(root.glob("*.torrent"))
-    assert cli("shardtool", "torrent", "http://127.0.0.1:9/manifest.json").returncode == 1
+    proc = cli("shardtool", "torrent", "http://127.0.0.1:9/manifest.json")
+    assert proc.returncode == 1 and proc.stderr.startswith(
+        "Error: http://127.0.0.1:9/manifest.json: cannot fetch"
+    )
 
     (tmp_path / "away.tar").rename(root / "train-000001.tar")
     proc = cli(
@@ -319,6 +322,12 @@ def test_seed_user_errors(tmp_path):
     for listen, message in (("nowhere", "--listen 'nowhere' is not HOST:PORT"),):
         proc = cli("shardtool", "seed", root / "manifest.json", "--listen", listen)
         assert proc.returncode == 1 and proc.stderr.strip() == f"Error: {message}"
+    with ShardServer(root) as server:
+        proc = cli("shardtool", "seed", server.url + "manifest.json")
+    assert proc.returncode == 1
+    assert proc.stderr.strip() == (
+        f"Error: {server.url}manifest.json: a manifest fetched by URL needs --dir (the shard folder)"
+    )
     os.unlink(root / "testset-train.torrent")
     with pytest.raises(ShardtoolError, match=r"testset-train\.torrent: missing"):
         Seeder(load(root), root, LOOPBACK).start()
