@@ -23,6 +23,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import libtorrent as lt
+from tqdm import tqdm
 
 from ..errors import ShardtoolError, VerifyError
 from ..fsutil import atomic_write_text, sha256_file
@@ -107,11 +108,15 @@ class Seeder:
         for split in self.splits:
             self.seeded.append(self._add(split))
         deadline = time.monotonic() + timeout
-        while any(s.handle.status().state in _CHECKING for s in self.seeded):
-            if time.monotonic() > deadline:
-                raise ShardtoolError(f"checking the shards in {self.directory} took over {timeout:.0f} s")
-            self.session.wait_for_alert(200)
-            self.poll()
+        total = sum(s.ti.total_size() for s in self.seeded)
+        with tqdm(total=total, unit="B", unit_scale=True, desc="checking", leave=False, disable=None) as bar:
+            while any(s.handle.status().state in _CHECKING for s in self.seeded):
+                if time.monotonic() > deadline:
+                    raise ShardtoolError(f"checking the shards in {self.directory} took over {timeout:.0f} s")
+                self.session.wait_for_alert(200)
+                self.poll()
+                statuses = [(s.handle.status(), s.ti.total_size()) for s in self.seeded]
+                bar.update(int(sum(st.progress * size for st, size in statuses)) - bar.n)
         for seeded in self.seeded:
             self._verify(seeded)
         if not any(s.shards for s in self.seeded):
