@@ -169,7 +169,7 @@ class ShardStream:
             if isinstance(item, ShardDone):
                 assigner.complete(item.tag)
                 continue
-            train_step(item.images, item.labels.to("cuda", non_blocking=True))
+            train_step(item.images, item.labels)  # both already on the GPU
 
     `train=True`: `feed` is any iterable of ShardRef or paths, read lazily (a few shards ahead) by a
     thread while the stream runs; one pass. `train=False`: `feed` is a finite list read in order with
@@ -296,7 +296,8 @@ class ShardStream:
                     item.images = self._recipe.normalize(item.images.to(self._device, non_blocking=True))
                 yield from self._tracker.update(item)
                 if item.keys:
-                    yield Batch(item.images, item.labels, tuple(item.keys), tuple(item.shards))
+                    labels = item.labels.to(self._device, non_blocking=True)
+                    yield Batch(item.images, labels, tuple(item.keys), tuple(item.shards))
                     yield from self._tracker.consume(item.tickets)
             if feeder is not None and feeder.error is not None:
                 raise feeder.error

@@ -67,7 +67,7 @@ class ShardDone:
 @dataclass(frozen=True)
 class Batch:
     """Decoded, augmented samples. `images` is float32 [N, 3, S, S], normalised, on the options' device
-    (on the GPU with decode="gpu"). `labels` is int64 [N] (-1 if unlabeled), on the CPU.
+    (on the GPU with decode="gpu"); `labels` is int64 [N] (-1 if unlabeled), on the same device.
     """
 
     images: torch.Tensor
