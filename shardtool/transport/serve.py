@@ -135,11 +135,11 @@ class ShardServer:
         app = web.Application()
         app.router.add_get("/{tail:.*}", self._handle)
         self._loop = asyncio.new_event_loop()
-        self._runner = web.AppRunner(app, access_log=log, access_log_format=ACCESS_LOG_FORMAT)
-        self._loop.run_until_complete(self._runner.setup())
-        self._loop.run_until_complete(
-            web.SockSite(self._runner, sock, backlog=1024, shutdown_timeout=1.0).start()
+        self._runner = web.AppRunner(
+            app, access_log=log, access_log_format=ACCESS_LOG_FORMAT, shutdown_timeout=1.0
         )
+        self._loop.run_until_complete(self._runner.setup())
+        self._loop.run_until_complete(web.SockSite(self._runner, sock, backlog=1024).start())
         self._thread = threading.Thread(target=self._loop.run_forever, name="shard-server", daemon=True)
         self._thread.start()
         log.info("serving %s at %s", self.directory, self.url)
