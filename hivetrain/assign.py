@@ -277,6 +277,7 @@ class ShardAssigner:
         self._done: dict[int, set[int]] = {}
         self._expiration, self._lease_until, self._renewed = 0.0, 0.0, float("-inf")
         self._store_s = 0.0  # moving average of how long our DHT stores take
+        self._changed = float("inf")  # when our state first changed since the last publish (monotonic)
         # what the last read saw
         self._remote: tuple[list[Lease], list[Done]] = ([], [])
         self._fetched = float("-inf")
@@ -372,13 +373,16 @@ class ShardAssigner:
             with self._log_lock:
                 self._log.write(json.dumps(dict(line, peer=self._peer)) + "\n")
                 self._log.flush()
-        self._wake.set()  # the renewal thread publishes it
+        with self._lock:  # published with the next claim round, or by the renewal thread soon after
+            self._changed = min(self._changed, time.monotonic())
+        self._wake.set()
 
     def release(self, claim: Claim) -> None:
         """Give an unfinished shard back at once, for others (or this peer) to read."""
         with self._lock:
             if self._held.pop((claim.epoch, self._index.get(claim.shard, -1)), None) is None:
                 return
+            self._changed = float("-inf")  # others may take it: publish now
         self._wake.set()
 
     def epoch_state(self, epoch: int | None = None) -> dict[str, dict]:
@@ -553,7 +557,7 @@ class ShardAssigner:
             self._lease_until = now if leaving else now + self._lease_s
             # for one subkey the later expiration wins: keep them increasing
             self._expiration = expiration = max(now + self._timing.done_ttl_s, self._expiration + 1e-3)
-            self._renewed = time.monotonic()
+            self._renewed, self._changed = time.monotonic(), float("inf")
             record = dict(
                 peer=self._peer,
                 fp=self._fp,
@@ -579,9 +583,13 @@ class ShardAssigner:
         return False
 
     def _renew(self) -> None:
-        """The renewal thread: rewrite the record every `lease_s / 3`, and at once after a change."""
+        """The renewal thread: rewrite the record every `lease_s / 3`, and within `poll_s` of a change
+        (a busy peer's next claim round usually publishes it first, saving a write per shard)."""
         while not self._closed.is_set():
-            self._wake.wait(max(0.0, self._renewed + self._lease_s / 3 - time.monotonic()))
-            self._wake.clear()
+            with self._lock:
+                due = min(self._renewed + self._lease_s / 3, self._changed + self._timing.poll_s)
+            if self._wake.wait(max(0.0, due - time.monotonic())):
+                self._wake.clear()
+                continue  # recompute when it is due
             if not self._closed.is_set():
                 self._publish()

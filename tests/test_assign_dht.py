@@ -237,13 +237,15 @@ def test_peer_joining_mid_run_gets_work_at_the_current_epoch(swarm, run_id, peer
 
 
 def test_three_times_faster_peer_reads_about_three_times_more(swarm, run_id, peer, tmp_path):
-    shards = names(40)
+    # the same settings for both; three shards claimed per round and held ahead keep claiming off the
+    # critical path even on a loaded machine, as a prefetching data plane does
+    shards = names(36)
     fast, slow = (
-        peer(swarm[k], name, shards=shards, max_epochs=1) for k, name in enumerate(("fast", "slow"))
+        peer(swarm[k], name, shards=shards, max_epochs=1, batch=3) for k, name in enumerate(("fast", "slow"))
     )
-    in_threads(lambda: consume(fast, 0.15, prefetch=2), lambda: consume(slow, 0.45, prefetch=2))
+    in_threads(lambda: consume(fast, 0.3, prefetch=3), lambda: consume(slow, 0.9, prefetch=3))
     n_fast, n_slow = len(read_logs(tmp_path / "fast")), len(read_logs(tmp_path / "slow"))
-    assert n_fast + n_slow == 40
+    assert n_fast + n_slow == 36
     assert 2.0 <= n_fast / n_slow <= 4.5, (n_fast, n_slow)
 
 
