@@ -16,9 +16,9 @@ $(STAMP): pyproject.toml
 
 venv: $(STAMP)
 
-## demo: generate a small dataset, build shards, serve them and train two peers on it (CPU)
+## demo: generate a small dataset, build and serve shards, train two peers on it (CPU, a few minutes)
 demo: $(STAMP)
-	$(BIN)/shardtool synth demo/data && $(BIN)/shardtool build demo/data --out demo/shards --workers 2 && $(BIN)/shardtool verify demo/shards/manifest.json && $(BIN)/shardtool info demo/shards/manifest.json
+	$(BIN)/python -m hivetrain.demo --dir demo
 
 ## test: the suite CI runs (everything but the full fault suite)
 test: $(STAMP)
