@@ -26,9 +26,11 @@ import json
 import logging
 import multiprocessing
 import os
+import queue
 import random
 import re
 import signal
+import threading
 import time
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
@@ -291,6 +293,7 @@ def _build_split(split, records, out, options, unlabeled, journal, report, progr
     else:
         results = map(check, todo)
     packer = _Packer(split, out, options, journal, start, len(done))
+    packing = _InOrder()  # packing (tar headers, sha256, writes) overlaps reading and checking
     bytes_in, last_post, t0 = 0, 0.0, time.monotonic()
     try:
         for i, (record, result) in enumerate(zip(todo, results), start):
@@ -301,7 +304,7 @@ def _build_split(split, records, out, options, unlabeled, journal, report, progr
                     raise BuildError(f"{record.location}: {reason} (--strict)")
                 if report.skipped < _MAX_LOGGED_SKIPS:
                     log.warning("skipped %s: %s", record.location, reason)
-                packer.skipped.append({"path": record.location, "reason": reason})
+                packing.submit(packer.skip, {"path": record.location, "reason": reason})
                 report.skipped += 1
                 continue
             if data is None:  # kept as it is: read it again here (page cache) rather than through a pipe
@@ -315,14 +318,16 @@ def _build_split(split, records, out, options, unlabeled, journal, report, progr
                 fields["cls"] = b"%d" % record.label
                 meta["wnid"] = record.wnid
             fields["json"] = json.dumps(meta, sort_keys=True, separators=(",", ":")).encode()
-            packer.add(i, record.key, fields)
+            packing.submit(packer.add, i, record.key, fields)
             bytes_in += len(data)
             now = time.monotonic()
             if progress and now - last_post > 0.5:
                 bar.set_postfix_str(f"{bytes_in / 1e6 / max(now - t0, 1e-9):.1f} MB/s", refresh=False)
                 last_post = now
+        packing.close()
         finished = packer.finish(len(records))
     finally:
+        packing.cancel()
         packer.abort()
         if pool is not None:
             pool.terminate()
@@ -356,6 +361,9 @@ class _Packer:
         self.skipped: list[dict[str, str]] = []
         self._closer = ThreadPoolExecutor(1, thread_name_prefix="shard-close")
         self._closing: list[tuple[Future, list[dict[str, str]]]] = []
+
+    def skip(self, entry: dict[str, str]) -> None:
+        self.skipped.append(entry)
 
     def add(self, index: int, key: str, fields: dict[str, bytes]) -> None:
         size = _tar_size(fields)
@@ -392,6 +400,56 @@ class _Packer:
             self.writer.abort()
             self.writer = None
         self._closer.shutdown(wait=True)
+
+
+class _InOrder:
+    """Runs calls one at a time, in the order submitted, on a background thread.
+
+    The packer hashes and writes with the GIL released (hashlib and file writes drop it for large buffers),
+    so running it beside the loop that reads files and handles results uses a second core. The queue is
+    bounded (memory: `depth` samples). A failure is raised in the caller at its next `submit` or `close`.
+    """
+
+    def __init__(self, depth: int = 64):
+        self._queue: queue.Queue = queue.Queue(depth)
+        self._error: BaseException | None = None
+        self._cancelled = False
+        self._thread = threading.Thread(target=self._run, name="packer", daemon=True)
+        self._thread.start()
+
+    def _run(self) -> None:
+        while (item := self._queue.get()) is not None:
+            if self._error is None and not self._cancelled:
+                fn, args = item
+                try:
+                    fn(*args)
+                except BaseException as e:
+                    self._error = e
+
+    def _raise(self) -> None:
+        if self._error is not None:
+            raise self._error
+
+    def submit(self, fn, *args) -> None:
+        self._raise()
+        self._queue.put((fn, args))
+
+    def close(self) -> None:
+        """Wait until every submitted call has run; raise the first failure."""
+        if self._thread.is_alive():
+            self._queue.put(None)
+            self._thread.join()
+        self._raise()
+
+    def cancel(self) -> None:
+        """Drop what has not run yet and stop (after an error or an interruption)."""
+        self._cancelled = True
+        if self._thread.is_alive():
+            with contextlib.suppress(queue.Empty):
+                while True:  # make room for the stop marker without blocking
+                    self._queue.get_nowait()
+            self._queue.put(None)
+            self._thread.join()
 
 
 def _tar_size(fields: dict[str, bytes]) -> int:
