@@ -11,7 +11,9 @@ import http.server
 import json
 import os
 import signal
+import subprocess
 import threading
+import time
 from pathlib import Path
 
 import pytest
@@ -134,10 +136,10 @@ def test_resume_after_fetch_killed_mid_file(big_dir, tmp_path):
     size = (big_dir / name).stat().st_size
     part = tmp_path / ".shardtool-partial" / f"{name}.part"
     with FaultyMirror(big_dir, Faults(rate=2e6)) as slow:
-        proc = __import__("subprocess").Popen(
+        proc = subprocess.Popen(
             [BIN / "shardtool", "fetch", big_dir / "manifest.json", "--out", tmp_path, "--from", slow.url],
-            stdout=-3,
-            stderr=-3,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
         )
         try:
             wait_until(
@@ -157,6 +159,28 @@ def test_resume_after_fetch_killed_mid_file(big_dir, tmp_path):
         assert [r.range for r in good.gets(name)] == [f"bytes={kept}-"]
     assert json.loads(proc.stdout)["bytes"] == size - kept
     assert same_files(big_dir, tmp_path, [name]) and not part.exists()
+
+
+def test_ctrl_c_stops_at_once_and_keeps_the_partial_file(big_dir, tmp_path):
+    name = shard_names(big_dir)[0]
+    part = tmp_path / ".shardtool-partial" / f"{name}.part"
+    with FaultyMirror(big_dir, Faults(rate=1e6)) as slow:
+        proc = subprocess.Popen(
+            [BIN / "shardtool", "fetch", big_dir / "manifest.json", "--out", tmp_path, "--from", slow.url],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        try:
+            wait_until(lambda: part.exists() and part.stat().st_size > 0, timeout=30, what="a partial file")
+            proc.send_signal(signal.SIGINT)
+            stopped = time.monotonic()
+            assert proc.wait(timeout=10) == 130
+        finally:
+            proc.kill()
+    assert time.monotonic() - stopped < 5  # not after the 8 s the download would still take
+    assert proc.stderr.read().strip().endswith("interrupted")
+    assert part.exists() and not (tmp_path / name).exists()
 
 
 def test_server_ignoring_range_restarts_the_file(big_dir, tmp_path):

@@ -19,7 +19,7 @@ import re
 import threading
 import time
 from collections.abc import Iterable, Sequence
-from concurrent.futures import ThreadPoolExecutor, as_completed
+from concurrent.futures import FIRST_COMPLETED, ThreadPoolExecutor, wait
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -409,6 +409,14 @@ def _web_seeds(urls: list[str], name: str, shard: Shard, timeout: float) -> list
     return usable
 
 
+def _completed(futures):
+    """as_completed, with a timeout on each wait so that Ctrl-C is noticed at once."""
+    pending = set(futures)
+    while pending:
+        finished, pending = wait(pending, timeout=0.5, return_when=FIRST_COMPLETED)
+        yield from finished
+
+
 def _from_http(todo, dest, options, urls, summary, bar) -> None:
     if not urls:
         summary.failed.update((s.name, summary.failed.get(s.name, "no HTTP source")) for s in todo)
@@ -425,21 +433,29 @@ def _from_http(todo, dest, options, urls, summary, bar) -> None:
             ): s
             for i, s in enumerate(todo)
         }
-        for future in as_completed(futures):
-            shard = futures[future]
-            try:
-                report: ShardReport = future.result()
-            except FetchError as e:
-                summary.failed[shard.name] = str(e).removeprefix(f"{shard.name}: ")
-                continue
-            except OSError as e:
-                summary.failed[shard.name] = f"cannot write in {dest} ({e.strerror})"
-                continue
-            summary.failed.pop(shard.name, None)
-            summary.fetched[shard.name] = report.source or "present"
-            summary.bytes += report.downloaded
-            summary.problems += [f"{shard.name}: {p}" for p in report.problems]
-            bar.shard_done()
+        try:
+            for future in _completed(futures):
+                _record(futures[future], future, dest, summary, bar)
+        except BaseException:  # Ctrl-C: stop the downloads in flight instead of waiting for them
+            http.stop()
+            pool.shutdown(cancel_futures=True)
+            raise
+
+
+def _record(shard: Shard, future, dest: Path, summary: FetchSummary, bar: _Bar) -> None:
+    try:
+        report: ShardReport = future.result()
+    except FetchError as e:
+        summary.failed[shard.name] = str(e).removeprefix(f"{shard.name}: ")
+        return
+    except OSError as e:
+        summary.failed[shard.name] = f"cannot write in {dest} ({e.strerror})"
+        return
+    summary.failed.pop(shard.name, None)
+    summary.fetched[shard.name] = report.source or "present"
+    summary.bytes += report.downloaded
+    summary.problems += [f"{shard.name}: {p}" for p in report.problems]
+    bar.shard_done()
 
 
 # ---- the destination folder --------------------------------------------------------------------

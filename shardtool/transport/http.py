@@ -29,7 +29,7 @@ import os
 import random
 import socket
 import ssl
-import time
+import threading
 import urllib.parse
 from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -123,7 +123,7 @@ class _Partial:
         if self.progress and self.size:
             self.progress(self.size)
 
-    def receive(self, resp: http.client.HTTPResponse, expected: int) -> None:
+    def receive(self, resp: http.client.HTTPResponse, expected: int, stop: threading.Event) -> None:
         """Append the body of `resp`; raises _SourceFailed past `expected` bytes in all.
 
         Reads with `read1` (one system call each) so that what arrived before an error is kept and the
@@ -133,6 +133,8 @@ class _Partial:
         size = 0
         try:
             while chunk := resp.read1(READ_SIZE):
+                if stop.is_set():
+                    raise FetchError("interrupted")
                 chunks.append(chunk)
                 size += len(chunk)
                 if size >= self.batch or len(chunks) >= MAX_CHUNKS:
@@ -227,6 +229,11 @@ class HttpFetcher:
         self.options = options or HttpOptions()
         self._ssl: ssl.SSLContext | None = None  # made on first use: loading the CA store takes 0.1 s
         self._random = random.Random()
+        self._stop = threading.Event()
+
+    def stop(self) -> None:
+        """Make downloads in progress give up at their next read (partial files stay for a resume)."""
+        self._stop.set()
 
     def close(self) -> None:
         """Nothing to release (one connection per request); kept for use as a context manager."""
@@ -301,7 +308,8 @@ class HttpFetcher:
                 delay = min(self.options.max_backoff, self.options.backoff * 2 ** max(failures - 1, 0))
                 delay *= self._random.uniform(0.5, 1.0)
                 log.info("%s: %s; retrying in %.1f s from byte %d", url, e, delay, partial.size)
-                time.sleep(delay)
+                if self._stop.wait(delay):
+                    raise FetchError("interrupted") from None
                 continue
             if partial.digest.hexdigest() == shard.sha256:
                 return
@@ -351,7 +359,7 @@ class HttpFetcher:
         try:
             conn, resp = self._request(url, headers)
             self._check_response(url, resp, shard, partial)
-            partial.receive(resp, shard.size)
+            partial.receive(resp, shard.size, self._stop)
         except TimeoutError:
             raise _Transient("timed out") from None
         except (OSError, http.client.HTTPException) as e:
