@@ -1,0 +1,141 @@
+"""One `hivetrain run` peer against a plain PyTorch loop: what do streaming and hivemind cost?
+
+Both train the same model (ResNet-18 at 64 px by default, torchvision's reference recipe) on the same
+images with the same transforms, batch size and loader workers, on the CPU unless --device says otherwise:
+
+  plain    torchvision ImageFolder + DataLoader over the JPEG tree, torch.optim.SGD, nothing else
+  hivetrain a single `hivetrain.train.Peer` (DHT, shard leases, shard cache, webdataset stream,
+           hivemind.Optimizer) over shards built from the same tree
+
+Throughput is measured over the same number of steps after the same warm-up, in one process, one after
+the other; the table gives samples/s, the ratio, and the peer's data-wait fraction.
+
+    python bench/train.py [--steps 40] [--warmup 10] [--batch 64] [--size 64] [--workers 2] [--device cpu]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+import torchvision
+from torch import nn
+
+REPO = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO))
+
+from hivetrain import recipe as recipes  # noqa: E402
+from hivetrain.train import NetworkOptions, Peer, TrainOptions  # noqa: E402
+from hivetrain.transforms import Recipe  # noqa: E402
+from shardtool import manifest as manifest_io  # noqa: E402
+
+BIN = Path(sys.executable).parent
+
+
+def dataset(work: Path, classes: int, per_class: int, size: int) -> tuple[Path, Path]:
+    data, shards = work / "data", work / "shards"
+    if not (shards / "manifest.json").exists():
+        subprocess.run([BIN / "shardtool", "synth", data, "--classes", str(classes), "--train-per-class",
+                        str(per_class), "--val-per-class", "10", "--size", str(size)], check=True)  # fmt: skip
+        subprocess.run([BIN / "shardtool", "-q", "build", data, "--out", shards, "--max-per-shard", "200"],
+                       check=True)  # fmt: skip
+    return data / "train", shards
+
+
+def plain_loop(train_dir: Path, args, num_classes: int) -> float:
+    """The hand-rolled baseline: ImageFolder + DataLoader + SGD, the reference recipe's transforms."""
+    image = Recipe(args.size)
+    loader = torch.utils.data.DataLoader(
+        torchvision.datasets.ImageFolder(str(train_dir), transform=image.transform(train=True)),
+        batch_size=args.batch, shuffle=True, num_workers=args.workers, drop_last=True,
+        persistent_workers=args.workers > 0,
+    )  # fmt: skip
+    r = recipes.TrainingRecipe(args.model, args.size, batch=args.batch)
+    model = recipes.build_model(r, num_classes).to(args.device)
+    opt = torch.optim.SGD(recipes.param_groups(model, r.weight_decay), lr=0.1, momentum=0.9, nesterov=True)
+    criterion = nn.CrossEntropyLoss(label_smoothing=0.1)
+    steps, start = 0, None
+    while True:
+        for images, labels in loader:
+            if steps == args.warmup:
+                start = time.perf_counter()
+            images, labels = images.to(args.device), labels.to(args.device)
+            loss = criterion(model(images), labels)
+            loss.backward()
+            opt.step()
+            opt.zero_grad()
+            steps += 1
+            if steps == args.warmup + args.steps:
+                return args.steps * args.batch / (time.perf_counter() - start)
+
+
+def hivetrain_peer(shards: Path, args, work: Path) -> tuple[float, float]:
+    log_dir = work / "peer-logs"
+    options = TrainOptions(
+        shards=str(shards / "manifest.json"), model=args.model, batch=args.batch, image_size=args.size,
+        target_global_bsz=4 * args.batch, epochs=1000, val_interval=10**9, workers=args.workers,
+        device=args.device, log_dir=str(log_dir), max_steps=10**9,
+    )  # fmt: skip
+    network = NetworkOptions(run_id=f"bench-{time.time_ns()}")
+    with Peer(options, network) as peer:
+        peer.has_val = False  # measure training only
+        original = peer._step
+        counter = {"n": 0}
+
+        def counted(images, labels):
+            counter["n"] += 1
+            if counter["n"] > args.warmup + args.steps:
+                peer.stop_event.set()
+            return original(images, labels)
+
+        peer._step = counted
+        peer.run()
+    lines = [json.loads(x) for x in (log_dir / "metrics.jsonl").read_text().splitlines() if '"step"' in x]
+    window = [m for m in lines if args.warmup <= m["step"] <= args.warmup + args.steps]
+    seconds = window[-1]["time"] - window[0]["time"]
+    samples = args.batch * (len(window) - 1)
+    wait = sum(m["data_wait"] for m in window[1:])
+    return samples / seconds, wait / seconds
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--steps", type=int, default=40)
+    parser.add_argument("--warmup", type=int, default=10)
+    parser.add_argument("--batch", type=int, default=64)
+    parser.add_argument("--size", type=int, default=64)
+    parser.add_argument("--model", default="resnet18", choices=recipes.MODELS)
+    parser.add_argument("--workers", type=int, default=2)
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--classes", type=int, default=10)
+    parser.add_argument("--work", type=Path, default=Path(tempfile.gettempdir()) / "bench-train")
+    args = parser.parse_args()
+    logging.basicConfig(level=logging.WARNING)
+    args.work.mkdir(parents=True, exist_ok=True)
+    per_class = max(50, (args.warmup + args.steps + 5) * args.batch // args.classes + 1)
+    train_dir, shards = dataset(args.work / f"{args.size}px", args.classes, per_class, args.size)
+    num_classes = manifest_io.load(shards).num_classes
+
+    plain = plain_loop(train_dir, args, num_classes)
+    ours, wait = hivetrain_peer(shards, args, args.work)
+    print(f"\n{args.model} at {args.size} px, batch {args.batch}, {args.workers} loader workers, {args.device}, "
+          f"{args.steps} steps after {args.warmup} warm-up; torch {torch.__version__}, "
+          f"{torch.get_num_threads()} threads")  # fmt: skip
+    print("| run | samples/s | ratio | data-wait |")
+    print("|---|---|---|---|")
+    print(f"| plain PyTorch loop (ImageFolder + DataLoader + SGD) | {plain:.1f} | 1.00 | |")
+    print(f"| one hivetrain peer (DHT, leases, cache, webdataset, hivemind.Optimizer) | {ours:.1f} | "
+          f"{ours / plain:.2f} | {100 * wait:.1f}% |")  # fmt: skip
+
+
+if __name__ == "__main__":
+    main()
