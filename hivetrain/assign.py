@@ -365,6 +365,11 @@ class ShardAssigner:
         end = time.time()
         with self._lock:
             held = self._held.pop((claim.epoch, self._index.get(claim.shard, -1)), None)
+            if held is None and self._closed.is_set():
+                logger.warning(
+                    "shard %s of epoch %d finished after close(): not recorded", claim.shard, claim.epoch
+                )
+                return
             if held is None:
                 raise ValueError(f"shard {claim.shard} of epoch {claim.epoch} is not held by this peer")
             self._done.setdefault(claim.epoch, set()).add(held.index)

@@ -167,7 +167,7 @@ def test_alone_without_dht_reads_every_shard_once_per_epoch_in_order(tmp_path, c
     assert all(x["start"] <= x["end"] <= time.time() and x["peer"] == "local" for x in lines)
 
 
-def test_prefetch_release_and_close_without_dht(tmp_path):
+def test_prefetch_release_and_close_without_dht(tmp_path, caplog):
     assigner = ShardAssigner(NAMES[:3], dht=None, run_id="solo", max_epochs=1)
     first, second, third = (assigner.next_claim(timeout=1) for _ in range(3))
     assert assigner.held() == [first, second, third]
@@ -184,6 +184,8 @@ def test_prefetch_release_and_close_without_dht(tmp_path):
     assert state[third.shard]["state"] == "claimed"
     assigner.close()
     assert assigner.held() == [] and assigner.next_claim(timeout=1) is None
+    assigner.complete(third, 5)  # a reader that finishes after close(): told, not raised
+    assert "finished after close(): not recorded" in caplog.text
 
 
 def test_claims_in_batches_are_handed_out_one_at_a_time():
