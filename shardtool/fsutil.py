@@ -15,6 +15,8 @@ from pathlib import Path
 from typing import BinaryIO
 
 HASH_CHUNK = 1 << 20
+FILE_MODE = 0o644
+"""Mode of the files we write (mkstemp's 0600 would hide shards from a web server run as another user)."""
 
 
 def sha256_file(path: str | os.PathLike, chunk: int = HASH_CHUNK) -> str:
@@ -43,6 +45,7 @@ def atomic_output(path: str | os.PathLike, *, fsync: bool = True) -> Iterator[Bi
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:
+        os.fchmod(fd, FILE_MODE)
         with os.fdopen(fd, "wb") as f:
             yield f
             f.flush()

@@ -243,20 +243,21 @@ def _is_url(location: str) -> bool:
 
 
 def _load_url(url: str, timeout: float) -> Manifest:
-    import httpx
+    # urllib rather than httpx: one small GET, and no SSL context or async imports at every CLI start.
+    import urllib.error
+    import urllib.request
 
     try:
-        with httpx.stream("GET", url, timeout=timeout, follow_redirects=True) as resp:
-            if resp.status_code != 200:
-                raise ManifestError(f"{url}: HTTP {resp.status_code}")
-            body = bytearray()
-            for chunk in resp.iter_bytes():
-                body += chunk
-                if len(body) > MAX_MANIFEST_BYTES:
-                    raise ManifestError(f"{url}: larger than {MAX_MANIFEST_BYTES >> 20} MiB, not a manifest")
-    except httpx.HTTPError as e:
-        raise ManifestError(f"{url}: cannot fetch ({e})") from None
-    manifest = Manifest.from_json(bytes(body), origin=url)
+        with urllib.request.urlopen(url, timeout=timeout) as resp:
+            body = resp.read(MAX_MANIFEST_BYTES + 1)
+    except urllib.error.HTTPError as e:
+        raise ManifestError(f"{url}: HTTP {e.code}") from None
+    except (urllib.error.URLError, OSError) as e:
+        reason = getattr(e, "reason", None) or e
+        raise ManifestError(f"{url}: cannot fetch ({reason})") from None
+    if len(body) > MAX_MANIFEST_BYTES:
+        raise ManifestError(f"{url}: larger than {MAX_MANIFEST_BYTES >> 20} MiB, not a manifest")
+    manifest = Manifest.from_json(body, origin=url)
     if not manifest.sources.http:
         manifest.sources.http.append(url.rsplit("/", 1)[0] + "/")
     return manifest

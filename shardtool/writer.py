@@ -16,7 +16,7 @@ from pathlib import Path
 
 import webdataset as wds
 
-from .fsutil import fsync_dir
+from .fsutil import FILE_MODE, fsync_dir
 from .manifest import Shard
 
 
@@ -53,6 +53,7 @@ class ShardWriter:
         self.fsync = fsync
         self.path.parent.mkdir(parents=True, exist_ok=True)
         fd, self.tmp = tempfile.mkstemp(prefix=f".{self.path.name}.", suffix=".tmp", dir=self.path.parent)
+        os.fchmod(fd, FILE_MODE)
         self._raw = os.fdopen(fd, "wb", buffering=1 << 20)
         self._hashing = _HashingFile(self._raw)
         self._tar = wds.TarWriter(self._hashing, user="", group="", mode=0o444, mtime=0, encoder=False)

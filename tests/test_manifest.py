@@ -119,3 +119,21 @@ def test_load_errors_are_one_line(tmp_path):
 def test_unknown_split_lists_the_known_ones():
     with pytest.raises(ManifestError, match=r"no split 'test' \(it has: train, val\)"):
         sample_manifest().split("test")
+
+
+def test_load_by_url_adds_the_server_as_source(tmp_path):
+    from shardtool.transport.serve import ShardServer
+
+    sample_manifest().save(tmp_path / "manifest.json")
+    with ShardServer(tmp_path) as server:
+        m = mf.load(server.url + "manifest.json")
+        assert m.sources.http == [server.url] and m.origin == server.url + "manifest.json"
+        with pytest.raises(ManifestError, match="HTTP 404"):
+            mf.load(server.url + "other.json")
+    with pytest.raises(ManifestError, match="cannot fetch"):
+        mf.load(server.url + "manifest.json")
+
+
+def test_written_files_are_readable_by_others(tmp_path):
+    sample_manifest().save(tmp_path / "manifest.json")
+    assert (tmp_path / "manifest.json").stat().st_mode & 0o777 == 0o644

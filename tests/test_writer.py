@@ -20,6 +20,7 @@ def test_same_samples_give_same_bytes(tmp_path):
         data = (tmp_path / "a" / shard.name).read_bytes()
         assert len(data) == shard.size
         assert hashlib.sha256(data).hexdigest() == shard.sha256
+        assert (tmp_path / "a" / shard.name).stat().st_mode & 0o777 == 0o644
 
 
 def test_shards_read_back_with_tarfile_and_webdataset(tmp_path):
