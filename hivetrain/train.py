@@ -45,6 +45,9 @@ from .transforms import recipe_for as image_recipe_for
 
 log = logging.getLogger(__name__)
 
+FEED_DEPTH = 2
+"""Shards claimed and downloading ahead of the one being read."""
+
 
 @dataclass(frozen=True)
 class NetworkOptions:
@@ -169,8 +172,9 @@ class Peer:
         self.assigner = ShardAssigner(
             [s.name for s in train_split.shards], dht=self.dht, run_id=self.network.run_id,
             lease_s=self.network.lease_s, seed=o.seed, log_dir=self.log_dir, max_epochs=self.recipe.epochs,
+            batch=FEED_DEPTH,  # claim the shards the feed reads ahead in one DHT round
         )  # fmt: skip
-        self.feed = ClaimFeed(self.assigner, self.cache, split=o.split)
+        self.feed = ClaimFeed(self.assigner, self.cache, split=o.split, depth=FEED_DEPTH)
         self.metrics = JsonLines(self.log_dir / "metrics.jsonl")
         log.info(
             "training %s on %s (%d classes, %d train samples): %s at %d px, batch %d, global batch %d, "
