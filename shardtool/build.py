@@ -26,11 +26,9 @@ import json
 import logging
 import multiprocessing
 import os
-import queue
 import random
 import re
 import signal
-import threading
 import time
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
@@ -55,6 +53,7 @@ JOURNAL = "journal.jsonl"
 _SHARD_FILE = re.compile(r"([a-z][a-z0-9_]*)-(\d{6})\.tar")
 _TEMP_FILE = re.compile(r"\.[a-z][a-z0-9_]*-\d{6}\.tar\..*\.tmp")
 _MAX_LOGGED_SKIPS = 20
+_JSON = json.JSONEncoder(sort_keys=True, separators=(",", ":"))  # compact and canonical sample metadata
 
 
 @dataclass(frozen=True)
@@ -71,7 +70,7 @@ class BuildOptions:
         layout: force a layout instead of detecting it.
         source: where to find what a layout cannot discover (val labels).
         name: the dataset name for the manifest (default: the known dataset it matches, else the folder name).
-        workers: check processes (0: check in this process).
+        workers: check processes (0: check in this process); the default leaves a CPU to the packer.
         strict: a bad file stops the build instead of being skipped.
     """
 
@@ -84,7 +83,7 @@ class BuildOptions:
     layout: str | None = None
     source: SourceOptions = field(default_factory=SourceOptions)
     name: str | None = None
-    workers: int = field(default_factory=lambda: min(8, os.cpu_count() or 1))
+    workers: int = field(default_factory=lambda: max(1, min(8, (os.cpu_count() or 2) - 1)))
     strict: bool = False
 
 
@@ -261,9 +260,21 @@ def _check(record: Record, options: ImageOptions) -> tuple:
         return None, None, 0, 0, 0, None, f"cannot read ({e.strerror or e})"
 
 
-def _worker_init() -> None:
+# Set once in each worker process by `_worker_init` (the parent never sets it): the records to check, which
+# a forked worker inherits, so tasks are bare indices and no record is pickled.
+_worker_records: tuple[list[Record], ImageOptions] | None = None
+
+
+def _worker_init(records: list[Record], options: ImageOptions) -> None:
+    global _worker_records
+    _worker_records = records, options
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # the parent handles Ctrl-C and stops the pool
     signal.signal(signal.SIGTERM, signal.SIG_DFL)
+
+
+def _check_index(i: int) -> tuple:
+    records, options = _worker_records
+    return _check(records[i], options)
 
 
 def _build_split(split, records, out, options, unlabeled, journal, report, progress):
@@ -284,16 +295,16 @@ def _build_split(split, records, out, options, unlabeled, journal, report, progr
         smoothing=0.1,
     )
     pool = None
-    check = functools.partial(_check, options=options.image)
     if options.workers > 0 and todo:
         gc.freeze()  # forked workers share the record list: keep their garbage collector off its pages
-        pool = multiprocessing.get_context("fork").Pool(options.workers, initializer=_worker_init)
+        pool = multiprocessing.get_context("fork").Pool(
+            options.workers, initializer=_worker_init, initargs=(todo, options.image)
+        )
         gc.unfreeze()
-        results = pool.imap(check, todo, chunksize=32)
+        results = pool.imap(_check_index, range(len(todo)), chunksize=64)
     else:
-        results = map(check, todo)
+        results = map(functools.partial(_check, options=options.image), todo)
     packer = _Packer(split, out, options, journal, start, len(done))
-    packing = _InOrder()  # packing (tar headers, sha256, writes) overlaps reading and checking
     bytes_in, last_post, t0 = 0, 0.0, time.monotonic()
     try:
         for i, (record, result) in enumerate(zip(todo, results), start):
@@ -304,7 +315,7 @@ def _build_split(split, records, out, options, unlabeled, journal, report, progr
                     raise BuildError(f"{record.location}: {reason} (--strict)")
                 if report.skipped < _MAX_LOGGED_SKIPS:
                     log.warning("skipped %s: %s", record.location, reason)
-                packing.submit(packer.skip, {"path": record.location, "reason": reason})
+                packer.skipped.append({"path": record.location, "reason": reason})
                 report.skipped += 1
                 continue
             if data is None:  # kept as it is: read it again here (page cache) rather than through a pipe
@@ -317,17 +328,15 @@ def _build_split(split, records, out, options, unlabeled, journal, report, progr
             if labeled:
                 fields["cls"] = b"%d" % record.label
                 meta["wnid"] = record.wnid
-            fields["json"] = json.dumps(meta, sort_keys=True, separators=(",", ":")).encode()
-            packing.submit(packer.add, i, record.key, fields)
+            fields["json"] = _JSON.encode(meta).encode()
+            packer.add(i, record.key, fields)
             bytes_in += len(data)
             now = time.monotonic()
             if progress and now - last_post > 0.5:
                 bar.set_postfix_str(f"{bytes_in / 1e6 / max(now - t0, 1e-9):.1f} MB/s", refresh=False)
                 last_post = now
-        packing.close()
         finished = packer.finish(len(records))
     finally:
-        packing.cancel()
         packer.abort()
         if pool is not None:
             pool.terminate()
@@ -361,9 +370,6 @@ class _Packer:
         self.skipped: list[dict[str, str]] = []
         self._closer = ThreadPoolExecutor(1, thread_name_prefix="shard-close")
         self._closing: list[tuple[Future, list[dict[str, str]]]] = []
-
-    def skip(self, entry: dict[str, str]) -> None:
-        self.skipped.append(entry)
 
     def add(self, index: int, key: str, fields: dict[str, bytes]) -> None:
         size = _tar_size(fields)
@@ -400,56 +406,6 @@ class _Packer:
             self.writer.abort()
             self.writer = None
         self._closer.shutdown(wait=True)
-
-
-class _InOrder:
-    """Runs calls one at a time, in the order submitted, on a background thread.
-
-    The packer hashes and writes with the GIL released (hashlib and file writes drop it for large buffers),
-    so running it beside the loop that reads files and handles results uses a second core. The queue is
-    bounded (memory: `depth` samples). A failure is raised in the caller at its next `submit` or `close`.
-    """
-
-    def __init__(self, depth: int = 64):
-        self._queue: queue.Queue = queue.Queue(depth)
-        self._error: BaseException | None = None
-        self._cancelled = False
-        self._thread = threading.Thread(target=self._run, name="packer", daemon=True)
-        self._thread.start()
-
-    def _run(self) -> None:
-        while (item := self._queue.get()) is not None:
-            if self._error is None and not self._cancelled:
-                fn, args = item
-                try:
-                    fn(*args)
-                except BaseException as e:
-                    self._error = e
-
-    def _raise(self) -> None:
-        if self._error is not None:
-            raise self._error
-
-    def submit(self, fn, *args) -> None:
-        self._raise()
-        self._queue.put((fn, args))
-
-    def close(self) -> None:
-        """Wait until every submitted call has run; raise the first failure."""
-        if self._thread.is_alive():
-            self._queue.put(None)
-            self._thread.join()
-        self._raise()
-
-    def cancel(self) -> None:
-        """Drop what has not run yet and stop (after an error or an interruption)."""
-        self._cancelled = True
-        if self._thread.is_alive():
-            with contextlib.suppress(queue.Empty):
-                while True:  # make room for the stop marker without blocking
-                    self._queue.get_nowait()
-            self._queue.put(None)
-            self._thread.join()
 
 
 def _tar_size(fields: dict[str, bytes]) -> int:

@@ -52,7 +52,7 @@ _LAYOUTS = ("imagenet", "imagenet-archives", "tiny-imagenet", "cifar10", "folder
 )
 @click.option("--max-per-shard", type=click.IntRange(min=1), help="At most this many samples per shard.")
 @click.option(
-    "--workers", "-j", type=click.IntRange(min=0), default=None, help="Check processes [CPUs, max 8]."
+    "--workers", "-j", type=click.IntRange(min=0), default=None, help="Check processes [CPUs - 1, max 8]."
 )
 @click.option(
     "--resize", type=click.IntRange(min=8), help="Re-encode so the shorter side is at most N pixels."

@@ -20,6 +20,7 @@ from PIL import Image, UnidentifiedImageError
 JPEG_EOI = b"\xff\xd9"
 PNG_IEND = b"IEND\xaeB`\x82"
 TAIL = 32  # bytes at the end searched for the end marker (some writers pad after it)
+JPEG_FORMATS = {"JPEG", "MPO"}  # MPO: a camera JPEG with extra frames appended; readers take the first
 
 
 @dataclass(frozen=True)
@@ -83,7 +84,7 @@ def normalise(data: bytes, declared: str, options: ImageOptions) -> Normalised:
     target = "png" if declared == "png" else "jpg"
     fits = options.resize is None or min(width, height) <= options.resize
     if fits and im.mode == "RGB":
-        if target == "jpg" and im.format == "JPEG" and JPEG_EOI in data[-TAIL:]:
+        if target == "jpg" and im.format in JPEG_FORMATS and JPEG_EOI in data[-TAIL:]:
             return Normalised("jpg", None, width, height)
         if target == "png" and im.format == "PNG" and PNG_IEND in data[-TAIL:]:
             return Normalised("png", None, width, height)
@@ -102,7 +103,7 @@ def _slow_path(data: bytes, im: Image.Image, target: str, fits: bool, options: I
             im.load()
     except Exception as e:
         raise BadImage(f"truncated or corrupt image data ({_describe(e)})") from None
-    if fits and im.mode == "RGB" and im.format == {"jpg": "JPEG", "png": "PNG"}[target]:
+    if fits and im.mode == "RGB" and im.format in ({"PNG"} if target == "png" else JPEG_FORMATS):
         # Decodes completely, only has bytes after its end marker: keep it as it is.
         return Normalised(target, None, im.width, im.height)
     reason = f"{source_format} {original_mode}" if fits else "resize"

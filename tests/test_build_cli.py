@@ -99,7 +99,7 @@ def test_interrupted_build_resumes_to_identical_output(tmp_path, children, sig):
     out = tmp_path / "out"
     code, stderr = _interrupt(children, tmp_path, args, out, sig)
     if sig == signal.SIGINT:
-        assert code == 130 and stderr.rstrip().endswith("interrupted")
+        assert code == 130 and "interrupted" in stderr
         assert not list(out.glob(".*.tmp")), "Ctrl-C left temp files"
     else:
         assert code == -signal.SIGKILL
@@ -172,10 +172,61 @@ def test_user_errors_are_one_line(tmp_path):
     line = _error("build", tmp_path / "tiny", "--out", tmp_path / "o6", "--split", "test")
     assert f"{tmp_path / 'tiny' / 'test' / 'images'}: split 'test' has no images" in line
 
-    out = tmp_path / "o7"
-    line = _error("build", tmp_path / "tiny", "--out", out, "--split", "train", "--strict", "--workers", "1")
-    assert line.startswith("Error: train/n0") and line.endswith("(--strict)")
+
+def test_strict_makes_a_bad_file_fatal(tmp_path):
+    datagen.tiny_imagenet(tmp_path / "tiny")
+    out = tmp_path / "out"
+    proc = cli("shardtool", "build", tmp_path / "tiny", "--out", out, "--split", "train", "--strict")
+    assert proc.returncode == 1
+    errors = [line for line in proc.stderr.splitlines() if line.startswith("Error: ")]
+    assert len(errors) == 1 and errors[0].startswith("Error: train/n0") and errors[0].endswith("(--strict)")
     assert not (out / "manifest.json").exists() and not list(out.glob(".*.tmp"))
+
+
+# ShardWriter.abort() (shardtool/writer.py) closes the file under tarfile's stream, which flushes into it
+# when garbage-collected and prints "Exception ignored ... ValueError: write to closed file": a traceback
+# after every build stopped mid-shard. These pass once the writer stops leaving that stream behind.
+WRITER_ABORT_BUG = pytest.mark.xfail(
+    strict=True, reason="ShardWriter.abort() leaves tarfile's stream to flush at GC"
+)
+
+
+@WRITER_ABORT_BUG
+def test_strict_prints_no_traceback(tmp_path):
+    datagen.tiny_imagenet(tmp_path / "tiny")
+    proc = cli(
+        "shardtool", "build", tmp_path / "tiny", "--out", tmp_path / "o", "--split", "train", "--strict"
+    )
+    assert proc.returncode == 1 and "Traceback" not in proc.stderr and "Exception ignored" not in proc.stderr
+
+
+@WRITER_ABORT_BUG
+def test_ctrl_c_prints_no_traceback(tmp_path, children):
+    content = datagen.imagenet_content(num_classes=2, per_class=150, val_images=0, awkward_files=False)
+    for files in content.train.values():  # CMYK: every image is re-encoded, so the one shard fills slowly
+        files[:] = [(name, datagen.awkward("cmyk", i), "cmyk") for i, (name, _, _) in enumerate(files)]
+    datagen.imagenet_tree(tmp_path / "src", content)
+    out = tmp_path / "out"
+    proc = children.start(
+        BIN / "shardtool",
+        "build",
+        tmp_path / "src",
+        "--out",
+        out,
+        "--workers",
+        "1",
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+    )
+    wait_until(lambda: list(out.glob(".train-*.tmp")) or proc.poll() is not None, timeout=60, what="a shard")
+    assert proc.poll() is None, "the build finished before it could be interrupted"
+    os.killpg(proc.pid, signal.SIGINT)  # a shard is being written
+    _, stderr = proc.communicate(timeout=30)
+    assert (
+        proc.returncode == 130
+        and "Traceback" not in stderr.decode()
+        and "Exception ignored" not in stderr.decode()
+    )
 
 
 def test_more_user_errors(tmp_path):

@@ -81,7 +81,8 @@ def open_source(root: Path, options: SourceOptions) -> Source:
                 paths, bad = scan_images(folder / name, root, recursive=True)
                 skipped += bad
                 records += [
-                    Record(key_for(p.name), rel(p, root), index[name], name, FileData(str(p))) for p in paths
+                    Record(key_for(p.name), rel(p.path, root), index[name], name, FileData(p.path))
+                    for p in paths
                 ]
             with os.scandir(folder) as it:
                 skipped += [

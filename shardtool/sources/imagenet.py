@@ -35,6 +35,7 @@ from ..manifest import ClassInfo
 from . import (
     WNID,
     FileData,
+    ImageFile,
     Listing,
     MemberData,
     Record,
@@ -275,9 +276,9 @@ def _open_tree(root: Path, options: SourceOptions) -> Source:
         for wnid in wnids:
             paths, bad = scan_images(train / wnid, root)
             skipped += bad
-            for path in paths:
-                source = f"train/{wnid}/{path.name}"
-                records.append(_file_record(path, source, index[wnid], wnid, root))
+            for found in paths:
+                source = f"train/{wnid}/{found.name}"
+                records.append(_file_record(found, source, index[wnid], wnid, root))
         skipped += _loose_files(train, root)
         require_images(records, skipped, train, "train")
         return finish(records, skipped)
@@ -296,7 +297,7 @@ def _open_tree(root: Path, options: SourceOptions) -> Source:
         else:
             paths, skipped = scan_images(val, root)
             paths.sort(key=lambda p: p.name)
-            labels = label_val([(p.name, rel(p, root)) for p in paths], index, root, options)
+            labels = label_val([(p.name, rel(p.path, root)) for p in paths], index, root, options)
             records = [_file_record(p, f"val/{p.name}", i, wnid, root) for p, (wnid, i) in zip(paths, labels)]
         require_images(records, skipped, val, "val")
         return finish(records, skipped)
@@ -317,10 +318,10 @@ def _val_wnids_from_labels(root: Path, val: Path, options: SourceOptions) -> lis
     return [w for i, n in enumerate(names) if (w := label(os.path.splitext(n)[0], i))]
 
 
-def _file_record(path: Path, source: str, label: int, wnid: str, root: Path) -> Record:
-    where = rel(path, root)
+def _file_record(found: ImageFile, source: str, label: int, wnid: str, root: Path) -> Record:
+    where = rel(found.path, root)
     return Record(
-        key_for(path.name), source, label, wnid, FileData(str(path)), None if where == source else where
+        key_for(found.name), source, label, wnid, FileData(found.path), None if where == source else where
     )
 
 

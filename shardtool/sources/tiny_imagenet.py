@@ -18,6 +18,7 @@ from ..errors import BuildError, LayoutError
 from ..manifest import ClassInfo
 from . import (
     FileData,
+    ImageFile,
     Listing,
     Record,
     Source,
@@ -81,14 +82,14 @@ def open_source(root: Path, options: SourceOptions) -> Source:
         for p in paths:
             wnid = labels.get(p.name)
             if wnid is None:
-                raise BuildError(f"{root / ANNOTATIONS}: no label for {rel(p, root)}")
+                raise BuildError(f"{root / ANNOTATIONS}: no label for {rel(p.path, root)}")
             records.append(_record(p, root, index[wnid], wnid))
         require_images(records, skipped, root / "val" / "images", "val")
         return finish(records, skipped)
 
     def list_test() -> Listing:
         paths, skipped = scan_images(root / "test" / "images", root)
-        records = [Record(key_for(p.name), rel(p, root), None, None, FileData(str(p))) for p in paths]
+        records = [Record(key_for(p.name), rel(p.path, root), None, None, FileData(p.path)) for p in paths]
         require_images(records, skipped, root / "test" / "images", "test")
         return finish(records, skipped)
 
@@ -101,8 +102,8 @@ def open_source(root: Path, options: SourceOptions) -> Source:
     return Source(NAME, root, classes, listers, default, unlabeled=frozenset({"test"}))
 
 
-def _record(path: Path, root: Path, label: int, wnid: str) -> Record:
-    return Record(key_for(path.name), rel(path, root), label, wnid, FileData(str(path)))
+def _record(found: ImageFile, root: Path, label: int, wnid: str) -> Record:
+    return Record(key_for(found.name), rel(found.path, root), label, wnid, FileData(found.path))
 
 
 def _annotations(path: Path, index: dict[str, int]) -> dict[str, str]:
