@@ -19,6 +19,7 @@ import contextlib
 import functools
 import ipaddress
 import logging
+import socket
 import threading
 import time
 from dataclasses import dataclass, field
@@ -40,7 +41,7 @@ from .data import LoaderOptions, ShardDone, ShardRef, ShardStream, train_stream
 from .dht import make_dht, visible_addresses
 from .errors import DataError, HivetrainError
 from .feed import ClaimFeed
-from .metrics import JsonLines, Rate
+from .metrics import JsonLines, MetricsPublisher, MetricsRecords, Rate, describe_device
 from .transforms import recipe_for as image_recipe_for
 
 log = logging.getLogger(__name__)
@@ -118,6 +119,7 @@ class Peer:
         self.summary = Summary()
         self._closed = False
         self.dht = self.opt = self.assigner = self.feed = self.cache = self.metrics = self._stream = None
+        self.publisher: MetricsPublisher | None = None
 
     # ---- set-up ---------------------------------------------------------------------------------
 
@@ -190,9 +192,13 @@ class Peer:
         self.dht = dht = make_dht(
             initial_peers=n.initial_peers, host_maddrs=n.host_maddrs, announce_maddrs=n.announce_maddrs,
             client_mode=n.client_mode, identity_path=n.identity, use_auto_relay=n.use_auto_relay,
-            run_id=n.run_id,
+            run_id=n.run_id, schemas=[MetricsRecords],
         )  # fmt: skip
         addresses = [] if n.client_mode else visible_addresses(dht)
+        self.publisher = MetricsPublisher(
+            dht, n.run_id, peer_name=socket.gethostname(), address=addresses[0] if addresses else "",
+            device=describe_device(self.device), shards=[s.name for s in self.manifest.split(self.options.split).shards],
+        )  # fmt: skip
         (self.log_dir / "maddrs.txt").write_text("".join(a + "\n" for a in addresses))
         if n.client_mode:
             print("joined in client mode: this peer dials others and cannot be an --initial-peer", flush=True)
@@ -245,8 +251,9 @@ class Peer:
         # shard's completion (and its lease) does not lag far behind its reading.
         per_shard = max(1, sum(s.num_samples for s in shards) // len(shards))
         loader = LoaderOptions(
-            batch_size=r.batch, workers=o.workers, decode=o.decode, shuffle_buffer=min(2000, 2 * per_shard)
-        )
+            batch_size=r.batch, workers=o.workers, decode=o.decode, shuffle_buffer=min(2000, 2 * per_shard),
+            device=str(self.device),  # uint8 batches travel to the GPU and are normalised there
+        )  # fmt: skip
         stream = train_stream(
             self.manifest, self.feed, split=o.split, options=loader, image_size=r.image_size
         )
@@ -282,12 +289,15 @@ class Peer:
                 last_val = self.opt.local_epoch
                 record.update(self._validate_and_save())
             self.metrics.write(record)
+            self.publisher.update(
+                **record, samples=self.summary.samples, shards_claimed=len(self.assigner.held())
+            )
         self.summary.global_step = self.opt.local_epoch
         self.summary.shards_read = self.feed.shards_read
         if self.opt.local_epoch != last_val or not self.summary.val:
-            self.metrics.write(
-                dict(time=time.time(), global_step=self.opt.local_epoch, **self._validate_and_save())
-            )
+            final = dict(time=time.time(), global_step=self.opt.local_epoch, **self._validate_and_save())
+            self.metrics.write(final)
+            self.publisher.update(**final)
         return self.summary
 
     def _step(self, images: torch.Tensor, labels: torch.Tensor) -> float:
@@ -330,7 +340,7 @@ class Peer:
         split = self.manifest.split(self.options.val_split)
         refs = [ShardRef(self.cache.get(s), s.name, s.num_samples) for s in split.shards]
         loader = LoaderOptions(batch_size=2 * self.recipe.batch, workers=self.options.workers,
-                               decode=self.options.decode, persistent_workers=False)  # fmt: skip
+                               decode=self.options.decode, persistent_workers=False, device=str(self.device))  # fmt: skip
         stream = ShardStream(
             refs, image_recipe_for(self.manifest, self.recipe.image_size), loader, train=False,
             num_classes=self.manifest.num_classes,
@@ -385,6 +395,7 @@ class Peer:
             ("releasing shard claims", self.assigner and self.assigner.close),
             ("saving the checkpoint", self.opt and self.save),
             ("closing metrics", self.metrics and self.metrics.close),
+            ("closing the metrics publisher", self.publisher and self.publisher.close),
             ("closing the shard cache", self.cache and self.cache.close),
             ("stopping the optimizer", self.opt and self.opt.shutdown),
             ("leaving the DHT", self.dht and self.dht.shutdown),
