@@ -218,6 +218,74 @@ def run(
     )
 
 
+@cli.command()
+@click.option(
+    "--initial-peer",
+    "initial_peers",
+    multiple=True,
+    metavar="MADDR",
+    help="Full multiaddr of a peer of the run; repeatable. None: start the run's DHT here.",
+)
+@click.option("--run-id", default="hivetrain", show_default=True, help="Name of the run to show.")
+@click.option(
+    "--host", default="127.0.0.1", show_default=True, help="Address of the web page (0.0.0.0: all)."
+)
+@click.option(
+    "--port", type=click.IntRange(0, 65535), default=8080, show_default=True, help="Port of the page."
+)
+@click.option(
+    "--tensorboard",
+    type=click.Path(file_okay=False),
+    metavar="DIR",
+    help="Also write the run's curves as TensorBoard event files here.",
+)
+@click.option("--shards", metavar="MANIFEST", help="The run's manifest, to name the shards in the grid.")
+@click.option(
+    "--host-maddr",
+    "host_maddrs",
+    multiple=True,
+    metavar="MADDR",
+    help="Without --initial-peer: where the DHT listens [/ip4/127.0.0.1/tcp/0].",
+)
+@click.pass_obj
+def monitor(verbose: int, initial_peers, run_id, host, port, tensorboard, shards, host_maddrs) -> None:
+    """Serve a live dashboard of a run: peers, samples/s, loss and accuracy, the epoch's shards.
+
+    \b
+    Join a run and open http://127.0.0.1:8080/ (also /api/state and /metrics for Prometheus):
+      hivetrain monitor --run-id imagenet-r50 --initial-peer /ip4/1.2.3.4/tcp/31337/p2p/12D3KooW...
+    Without --initial-peer the monitor starts the run's DHT and prints the address peers join with.
+    The monitor only reads; peers' names and addresses are shown as plain text.
+    """
+    warnings.filterwarnings("ignore", message=r".*torch\.jit\.script.*is deprecated", category=FutureWarning)
+    from .monitor.app import monitoring
+
+    _route_hivemind_logs(verbose)
+    stop = threading.Event()
+    with monitoring(
+        run_id=run_id,
+        initial_peers=initial_peers,
+        host_maddrs=host_maddrs or ("/ip4/127.0.0.1/tcp/0",),
+        host=host,
+        port=port,
+        shards=shards,
+        tensorboard=tensorboard,
+    ) as running:
+        previous = {s: signal.signal(s, lambda *_: stop.set()) for s in (signal.SIGINT, signal.SIGTERM)}
+        try:
+            click.echo(f"monitoring run {run_id} at {running.server.url}", nl=True)
+            if running.addresses:
+                click.echo("training peers join this run with:")
+                for address in running.addresses:
+                    click.echo(f"  --initial-peer {address}")
+            while not stop.wait(1.0):
+                pass
+        finally:
+            for s, handler in previous.items():
+                signal.signal(s, handler)
+    click.echo("monitor stopped")
+
+
 class _stop_on_signals:
     """SIGINT/SIGTERM set `event` (a clean stop); a second one stops at once."""
 

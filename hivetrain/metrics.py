@@ -1,18 +1,33 @@
-"""Training metrics: one JSON object per line in `<log-dir>/metrics.jsonl`, and running rates.
+"""Training metrics: JSON-lines logs, running rates, and the signed record each peer publishes to the DHT.
 
-The lines are flushed as they are written, so a crashed or killed peer leaves a complete log up to its
-last step, and `tail -f` shows the run live.
+`JsonLines` flushes every line as it is written, so a crashed or killed peer leaves a complete log up to
+its last step, and `tail -f` shows the run live. `MetricsPublisher` writes a small `MetricsRecord` under
+the run's `<run_id>_metrics` key every few seconds, signed with the peer's key; `hivetrain monitor`
+reads them. The schema (`MetricsRecords`) is installed in every peer's DHT (`make_dht(schemas=...)`),
+so records of another shape are refused by the DHT itself.
 """
 
 from __future__ import annotations
 
 import json
+import logging
 import math
 import os
 import threading
 import time
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
+
+import hivemind
+from hivemind.dht.schema import BytesWithPublicKey
+from hivemind.utils import get_dht_time
+from pydantic.v1 import BaseModel, StrictBool, confloat, conint, constr
+
+from .assign import shard_list_fingerprint
+from .dht import ensure_run_validators
+
+logger = logging.getLogger(__name__)
 
 
 class JsonLines:
@@ -62,3 +77,199 @@ class Rate:
             return 0.0
         span = self._events[-1][0] - self._events[0][0]
         return sum(c for _, c in self._events[1:]) / span if span > 0 else 0.0
+
+
+# ---- the signed metrics record each peer publishes to the run's DHT ---------------------------------
+
+_Text = constr(strict=True, max_length=128)
+_Count = conint(strict=True, ge=0)
+_Real = confloat(strict=True, allow_inf_nan=False)
+_NonNegative = confloat(strict=True, ge=0, allow_inf_nan=False)
+_Fraction = confloat(strict=True, ge=0, le=1, allow_inf_nan=False)
+
+MAX_RECORD_BYTES = 4096
+"""A metrics record is a few hundred bytes; anything near this size is refused as oversized."""
+
+
+class MetricsRecord(BaseModel):
+    """What one peer reports about itself, rewritten every few seconds (numbers: None when unknown).
+
+    `time` is the DHT time of the write and `every` the publishing interval: a monitor treats a peer
+    whose record is several intervals old as gone. `stopped` is set by the last record of a peer that
+    leaves cleanly. `shard_count` and `shard_fp` (`hivetrain.assign.shard_list_fingerprint`) let a
+    monitor read the run's shard leases without the manifest.
+    """
+
+    peer: constr(strict=True, max_length=64)
+    name: _Text
+    address: constr(strict=True, max_length=256)
+    device: _Text
+    time: _Real
+    every: _NonNegative
+    uptime: _NonNegative
+    stopped: StrictBool
+    samples: _Count
+    samples_per_s: _NonNegative | None
+    loss: _Real | None
+    lr: _Real | None
+    global_step: _Count
+    data_epoch: conint(strict=True, ge=-1)
+    shards_read: _Count
+    shards_claimed: _Count
+    data_wait_frac: _Fraction | None
+    fetch_mb_s: _NonNegative | None
+    val_top1: _Fraction | None
+    val_top5: _Fraction | None
+    shard_count: _Count
+    shard_fp: constr(strict=True, max_length=32)
+
+
+class MetricsRecords(BaseModel):
+    """Key `<run_id>_metrics`: one `MetricsRecord` per peer under its `[owner:...]` subkey.
+
+    Pass it to `hivetrain.dht.make_dht(schemas=[MetricsRecords])` so that the DHT refuses records of
+    another shape, whoever sends them.
+    """
+
+    metrics: dict[BytesWithPublicKey, MetricsRecord]
+
+
+def metrics_key(run_id: str) -> str:
+    """The DHT key of a run's metrics records."""
+    return f"{run_id}_metrics"
+
+
+_INTS = {"samples", "global_step", "data_epoch", "shards_read", "shards_claimed"}
+_FLOATS = {"samples_per_s", "loss", "lr", "data_wait_frac", "fetch_mb_s", "val_top1", "val_top5"}
+
+
+def describe_device(device: Any) -> str:
+    """A device for people: `cpu`, or `cuda:0 (NVIDIA H100 80GB HBM3)`."""
+    text = str(device)
+    if text.startswith("cuda"):
+        import torch
+
+        if torch.cuda.is_available():
+            text = f"{text} ({torch.cuda.get_device_name(torch.device(text))})"
+    return text[:128]
+
+
+class MetricsPublisher:
+    """Publishes this peer's `MetricsRecord` to the DHT every `interval_s` from a background thread.
+
+    `update(**fields)` only stores the latest values (it never blocks training on the DHT); fields that
+    are not part of the record (a step's `time`, `data_wait`, ...) are ignored, so a whole metrics line
+    can be passed. The record is signed (its subkey is this peer's `[owner:...]` key) and expires after
+    `ttl_s`, so a peer that dies fades out of monitors; `close()` publishes a last record marked
+    `stopped`.
+
+    Args:
+        dht: a running DHT of the run (`make_dht(run_id=..., schemas=[MetricsRecords])`).
+        run_id: the run's name (the record's key is `<run_id>_metrics`).
+        peer_name: a human name for this peer (host name); shown by monitors as text.
+        address: the multiaddr others reach this peer at ("" in client mode).
+        device: the training device (`describe_device`).
+        shards: the training split's shard names in manifest order, for the shard count and fingerprint.
+        interval_s: seconds between writes.
+        ttl_s: a record's lifetime in the DHT (default: four intervals, at least 20 s).
+    """
+
+    def __init__(
+        self,
+        dht: hivemind.DHT,
+        run_id: str,
+        *,
+        peer_name: str,
+        address: str,
+        device: str,
+        shards: Sequence[str] = (),
+        interval_s: float = 5.0,
+        ttl_s: float | None = None,
+        request_timeout_s: float = 10.0,
+    ):
+        if interval_s <= 0:
+            raise ValueError(f"interval_s must be positive, got {interval_s}")
+        self._dht, self._key = dht, metrics_key(run_id)
+        self._interval_s, self._timeout_s = interval_s, request_timeout_s
+        self._ttl_s = ttl_s if ttl_s is not None else max(4 * interval_s, 20.0)
+        self._subkey = ensure_run_validators(dht, run_id)
+        self._started = time.monotonic()
+        self._fields: dict[str, Any] = dict(
+            peer=dht.peer_id.to_base58()[:64], name=str(peer_name)[:128], address=str(address)[:256],
+            device=str(device)[:128], every=float(interval_s), samples=0, samples_per_s=None, loss=None,
+            lr=None, global_step=0, data_epoch=-1, shards_read=0, shards_claimed=0, data_wait_frac=None,
+            fetch_mb_s=None, val_top1=None, val_top5=None, shard_count=len(shards),
+            shard_fp=shard_list_fingerprint(shards) if shards else "",
+        )  # fmt: skip
+        self._lock = threading.Lock()
+        self._expiration = 0.0
+        self._closed, self._wake = threading.Event(), threading.Event()
+        self.published = 0
+        self._thread = threading.Thread(target=self._loop, name=f"MetricsPublisher({run_id})", daemon=True)
+        self._thread.start()
+
+    def update(self, **fields: Any) -> None:
+        """Take the latest values of the record's fields (others are ignored); returns at once."""
+        clean = {}
+        for name, value in fields.items():
+            if name in _INTS and value is not None:
+                clean[name] = int(value)
+            elif name in _FLOATS:
+                clean[name] = _finite(float(value)) if value is not None else None
+        with self._lock:
+            self._fields.update(clean)
+
+    def record(self, *, stopped: bool = False) -> dict[str, Any]:
+        """The record as it would be published now."""
+        with self._lock:
+            fields = dict(self._fields)
+        fields["data_wait_frac"] = _clip(fields["data_wait_frac"], 0.0, 1.0)
+        for name in ("val_top1", "val_top5"):
+            fields[name] = _clip(fields[name], 0.0, 1.0)
+        for name in ("samples_per_s", "fetch_mb_s"):
+            fields[name] = _clip(fields[name], 0.0, None)
+        return dict(fields, time=get_dht_time(), uptime=time.monotonic() - self._started, stopped=stopped)
+
+    def close(self) -> None:
+        """Stop the thread and publish a last record marked `stopped`. Idempotent."""
+        if self._closed.is_set():
+            return
+        self._closed.set()
+        self._wake.set()
+        self._thread.join()
+        self._publish(stopped=True)
+
+    def __enter__(self) -> MetricsPublisher:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    def _loop(self) -> None:
+        while not self._closed.is_set():
+            self._publish()
+            self._wake.wait(self._interval_s)
+
+    def _publish(self, *, stopped: bool = False) -> bool:
+        record = self.record(stopped=stopped)
+        # for one subkey the later expiration wins: keep them increasing
+        self._expiration = max(get_dht_time() + self._ttl_s, self._expiration + 1e-3)
+        try:
+            future = self._dht.store(
+                self._key, record, self._expiration, subkey=self._subkey, return_future=True
+            )
+            stored = future.result(timeout=self._timeout_s)
+        except Exception as e:  # a stopped or unreachable DHT: metrics are not worth failing for
+            logger.debug("metrics record not published: %r", e)
+            return False
+        if stored:
+            self.published += 1
+        else:
+            logger.debug("metrics record not stored: %s", record)
+        return bool(stored)
+
+
+def _clip(value: float | None, low: float, high: float | None) -> float | None:
+    if value is None:
+        return None
+    return max(low, value) if high is None else min(max(low, value), high)
