@@ -22,6 +22,7 @@ import contextlib
 import functools
 import gc
 import hashlib
+import itertools
 import json
 import logging
 import multiprocessing
@@ -53,6 +54,7 @@ JOURNAL = "journal.jsonl"
 _SHARD_FILE = re.compile(r"([a-z][a-z0-9_]*)-(\d{6})\.tar")
 _TEMP_FILE = re.compile(r"\.[a-z][a-z0-9_]*-\d{6}\.tar\..*\.tmp")
 _MAX_LOGGED_SKIPS = 20
+_BATCH = 64  # records per worker task
 _JSON = json.JSONEncoder(sort_keys=True, separators=(",", ":"))  # compact and canonical sample metadata
 
 
@@ -272,9 +274,10 @@ def _worker_init(records: list[Record], options: ImageOptions) -> None:
     signal.signal(signal.SIGTERM, signal.SIG_DFL)
 
 
-def _check_index(i: int) -> tuple:
+def _check_range(span: tuple[int, int]) -> list[tuple]:
+    """Check records[start:end]: one task and one result message per batch, not per image."""
     records, options = _worker_records
-    return _check(records[i], options)
+    return [_check(records[i], options) for i in range(*span)]
 
 
 def _build_split(split, records, out, options, unlabeled, journal, report, progress):
@@ -301,7 +304,8 @@ def _build_split(split, records, out, options, unlabeled, journal, report, progr
             options.workers, initializer=_worker_init, initargs=(todo, options.image)
         )
         gc.unfreeze()
-        results = pool.imap(_check_index, range(len(todo)), chunksize=64)
+        spans = ((i, min(i + _BATCH, len(todo))) for i in range(0, len(todo), _BATCH))
+        results = itertools.chain.from_iterable(pool.imap(_check_range, spans))
     else:
         results = map(functools.partial(_check, options=options.image), todo)
     packer = _Packer(split, out, options, journal, start, len(done))
