@@ -8,9 +8,10 @@
     Peer.close()  releases unfinished shard claims, saves `latest`, leaves the DHT
 
 The global step is hivemind's `local_epoch` (one step per `target_global_bsz` samples across all peers);
-the learning-rate schedule and validation follow it, so late joiners follow the same schedule. Data
-epochs (passes over the shards) are the assigner's; training ends after `epochs` of them or when the
-global step reaches the recipe's total, whichever comes first.
+the learning-rate schedule, validation and the end of training follow it, so late joiners follow the
+same schedule and all peers stop at the same step: `epochs` x train samples / `target_global_bsz` steps.
+(hivemind may average more than the target per step when several peers finish a batch at once, so
+the data epochs that the assigner hands out, one pass over the shards each, can outnumber `epochs`.)
 """
 
 from __future__ import annotations
@@ -171,7 +172,7 @@ class Peer:
         )
         self.assigner = ShardAssigner(
             [s.name for s in train_split.shards], dht=self.dht, run_id=self.network.run_id,
-            lease_s=self.network.lease_s, seed=o.seed, log_dir=self.log_dir, max_epochs=self.recipe.epochs,
+            lease_s=self.network.lease_s, seed=o.seed, log_dir=self.log_dir, max_epochs=None,
             batch=FEED_DEPTH,  # claim the shards the feed reads ahead in one DHT round
         )  # fmt: skip
         self.feed = ClaimFeed(self.assigner, self.cache, split=o.split, depth=FEED_DEPTH)
@@ -261,7 +262,7 @@ class Peer:
             item = next(items, None)
             waited = time.perf_counter() - started
             if item is None:
-                log.info("all %d data epochs are done", r.epochs)
+                log.warning("the shard feed ended before the last global step")
                 break
             if isinstance(item, ShardDone):
                 self.feed.finish(item)

@@ -54,7 +54,7 @@ def test_workers_do_not_change_a_byte(tmp_path):
 
 
 def _tree_for_interrupting(tmp_path):
-    content = datagen.imagenet_content(num_classes=4, per_class=70, val_images=20)
+    content = datagen.imagenet_content(num_classes=3, per_class=50, val_images=15)
     datagen.imagenet_tree(tmp_path / "src", content)
     # one sample per shard: hundreds of fsynced shards, so the build runs long enough to be interrupted
     return ["build", tmp_path / "src", "--workers", "2", "--max-per-shard", "1"]
