@@ -187,7 +187,8 @@
       });
       parts.push(svg("path", { d: path.trim(), class: "line " + s.cls }));
       if (series.length > 1) {
-        parts.push(svg("text", { x: W - M.right - 4, y: M.top + 12 + 14 * k, "text-anchor": "end", class: "key " + s.cls }, s.name));
+        const keyY = H - M.bottom - 8 - 14 * (series.length - 1 - k); // bottom right: curves rise away from it
+        parts.push(svg("text", { x: W - M.right - 4, y: keyY, "text-anchor": "end", class: "key " + s.cls }, s.name));
       }
     });
     node.replaceChildren(...parts);
