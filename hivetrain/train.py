@@ -20,6 +20,7 @@ import contextlib
 import functools
 import ipaddress
 import logging
+import socket
 import threading
 import time
 from dataclasses import dataclass, field
@@ -41,7 +42,7 @@ from .data import LoaderOptions, ShardDone, ShardRef, ShardStream, train_stream
 from .dht import make_dht, visible_addresses
 from .errors import DataError, HivetrainError
 from .feed import ClaimFeed
-from .metrics import JsonLines, Rate
+from .metrics import JsonLines, MetricsPublisher, MetricsRecords, Rate, describe_device
 from .transforms import recipe_for as image_recipe_for
 
 log = logging.getLogger(__name__)
@@ -119,6 +120,7 @@ class Peer:
         self.summary = Summary()
         self._closed = False
         self.dht = self.opt = self.assigner = self.feed = self.cache = self.metrics = self._stream = None
+        self.publisher: MetricsPublisher | None = None
 
     # ---- set-up ---------------------------------------------------------------------------------
 
@@ -191,9 +193,13 @@ class Peer:
         self.dht = dht = make_dht(
             initial_peers=n.initial_peers, host_maddrs=n.host_maddrs, announce_maddrs=n.announce_maddrs,
             client_mode=n.client_mode, identity_path=n.identity, use_auto_relay=n.use_auto_relay,
-            run_id=n.run_id,
+            run_id=n.run_id, schemas=[MetricsRecords],
         )  # fmt: skip
         addresses = [] if n.client_mode else visible_addresses(dht)
+        self.publisher = MetricsPublisher(
+            dht, n.run_id, peer_name=socket.gethostname(), address=addresses[0] if addresses else "",
+            device=describe_device(self.device), shards=[s.name for s in self.manifest.split(self.options.split).shards],
+        )  # fmt: skip
         (self.log_dir / "maddrs.txt").write_text("".join(a + "\n" for a in addresses))
         if n.client_mode:
             print("joined in client mode: this peer dials others and cannot be an --initial-peer", flush=True)
@@ -284,12 +290,15 @@ class Peer:
                 last_val = self.opt.local_epoch
                 record.update(self._validate_and_save())
             self.metrics.write(record)
+            self.publisher.update(
+                **record, samples=self.summary.samples, shards_claimed=len(self.assigner.held())
+            )
         self.summary.global_step = self.opt.local_epoch
         self.summary.shards_read = self.feed.shards_read
         if self.opt.local_epoch != last_val or not self.summary.val:
-            self.metrics.write(
-                dict(time=time.time(), global_step=self.opt.local_epoch, **self._validate_and_save())
-            )
+            final = dict(time=time.time(), global_step=self.opt.local_epoch, **self._validate_and_save())
+            self.metrics.write(final)
+            self.publisher.update(**final)
         return self.summary
 
     def _step(self, images: torch.Tensor, labels: torch.Tensor) -> float:
@@ -387,6 +396,7 @@ class Peer:
             ("releasing shard claims", self.assigner and self.assigner.close),
             ("saving the checkpoint", self.opt and self.save),
             ("closing metrics", self.metrics and self.metrics.close),
+            ("closing the metrics publisher", self.publisher and self.publisher.close),
             ("closing the shard cache", self.cache and self.cache.close),
             ("stopping the optimizer", self.opt and self.opt.shutdown),
             ("leaving the DHT", self.dht and self.dht.shutdown),
