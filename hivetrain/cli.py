@@ -90,7 +90,11 @@ def _route_hivemind_logs(verbose: int) -> None:
 @click.option("--model", type=click.Choice(recipes.MODELS), help="[by dataset: resnet50 for ImageNet]")
 @click.option("--batch", type=click.IntRange(min=1), help="Samples per local step [by dataset].")
 @click.option("--lr", type=float, help="Peak learning rate [0.1 x global batch / 256].")
-@click.option("--epochs", type=click.IntRange(min=1), help="Passes over the training shards [by dataset].")
+@click.option(
+    "--epochs",
+    type=click.IntRange(min=1),
+    help="Training length in passes over the data: epochs x samples / global batch steps [by dataset].",
+)
 @click.option(
     "--target-global-bsz",
     type=click.IntRange(min=1),

@@ -102,7 +102,7 @@ def peer_args(url, log_dir, *extra):
     return [
         BIN / "hivetrain", "run", "--shards", url, "--run-id", "e2e", "--image-size", "32", "--batch", "16",
         "--target-global-bsz", "64", "--workers", "0", "--matchmaking-time", "2", "--averaging-timeout", "15",
-        "--lease", "4", "--log-dir", log_dir, *extra,
+        "--lease", "6", "--log-dir", log_dir, *extra,
     ]  # fmt: skip
 
 
@@ -142,9 +142,7 @@ def test_two_peers_share_epochs_and_learn(served, tmp_path, children):
     pb = start_peer(children, served, b, "--epochs", "3", "--initial-peer", maddr(a))
     out_a, out_b = finish(pa, a), finish(pb, b)
     steps = [jsonl(d / "metrics.jsonl")[-1]["global_step"] for d in (a, b)]
-    # Both stop together, when the 3 data epochs are read. A global step averages at least 64 samples
-    # (more when several peers finish their batch as the target is reached), so 12 steps at most.
-    assert abs(steps[0] - steps[1]) <= 1 and 4 <= max(steps) <= math.ceil(3 * 256 / 64), (out_a, out_b)
+    assert steps == [math.ceil(3 * 256 / 64)] * 2, (out_a[-2000:], out_b[-2000:])  # both end at the last step
     reads = jsonl(a / "shards.jsonl") + jsonl(b / "shards.jsonl")
     first = sorted(r["shard"] for r in reads if r["epoch"] == 0)
     assert first == [f"train-{i:06d}.tar" for i in range(16)], "epoch 0: each shard read exactly once"
@@ -183,16 +181,21 @@ def test_late_joiner_loads_state_a_killed_peer_loses_nothing_and_sigterm_stops_c
     assert "downloading its state from peers" in (b / "stdout.txt").read_text()
     os.killpg(pb.pid, signal.SIGKILL)
     last_b = max(r["epoch"] for r in jsonl(b / "shards.jsonl"))
-    wait_until(lambda: any(r["epoch"] > last_b + 1 for r in jsonl(a / "shards.jsonl")), timeout=240,
-               what="the survivor to finish the epoch the killed peer was in")  # fmt: skip
+    after = lambda: {r["shard"] for r in jsonl(a / "shards.jsonl") if r["epoch"] == last_b + 1}  # noqa: E731
+    wait_until(
+        lambda: len(after()) == 16, timeout=240, what="the survivor to finish the epoch after the kill"
+    )
     pa.send_signal(signal.SIGTERM)
     out = finish(pa, a, timeout=60)
     assert "SIGTERM: stopping" in out and "stopped at global step" in out
     assert (a / "ck" / "latest.pt").exists()
     reads = jsonl(a / "shards.jsonl") + jsonl(b / "shards.jsonl")
     everything = [f"train-{i:06d}.tar" for i in range(16)]
+    extra = 0
     for epoch in range(last_b + 2):  # every epoch up to the one after the kill is complete
         shards = sorted(r["shard"] for r in reads if r["epoch"] == epoch)
         assert sorted(set(shards)) == everything, f"epoch {epoch}"
-        # Only a shard the killed peer finished but had not yet announced can be read twice.
-        assert len(shards) - 16 <= (2 if epoch == last_b else 0), f"epoch {epoch}: {shards}"
+        extra += len(shards) - 16
+    # Only shards in flight at the kill can be read twice (finished by the killed peer but not yet
+    # announced): the shards it held, at most the read-ahead of its feed and loader.
+    assert extra <= 6, extra
