@@ -52,6 +52,7 @@ def driver(tmp_path_factory):
         options.add_argument(flag)
     options.add_argument(f"--user-data-dir={tmp_path_factory.mktemp('chromium-profile')}")
     options.binary_location = CHROMIUM
+    options.set_capability("goog:loggingPrefs", {"browser": "ALL"})
     browser = webdriver.Chrome(service=Service(CHROMEDRIVER), options=options)
     yield browser
     browser.quit()
@@ -240,3 +241,5 @@ def test_peer_names_with_html_are_shown_as_text(driver, url):
         driver.switch_to.alert.text  # noqa: B018 (raises when no alert is open)
     assert driver.title == "hivetrain monitor"
     assert driver.execute_script("return document.querySelectorAll('[onerror]').length") == 0
+    # and the page itself ran without errors (a Content-Security-Policy violation would show here)
+    assert [e for e in driver.get_log("browser") if e["level"] == "SEVERE"] == []
