@@ -90,7 +90,7 @@ def peer(args) -> None:
 def static_peer(args, out: Path, log_claim) -> None:
     import webdataset as wds
 
-    from hivetrain.assign import shard_order
+    from hivetrain.leases import shard_order
 
     if args.joiner:
         return  # a fixed split has no place for a peer that arrives mid-epoch

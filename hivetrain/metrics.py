@@ -24,8 +24,8 @@ from hivemind.dht.schema import BytesWithPublicKey
 from hivemind.utils import get_dht_time
 from pydantic.v1 import BaseModel, StrictBool, confloat, conint, constr
 
-from .assign import shard_list_fingerprint
 from .dht import ensure_run_validators
+from .leases import shard_list_fingerprint
 
 logger = logging.getLogger(__name__)
 

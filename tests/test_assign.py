@@ -10,12 +10,11 @@ import time
 import pytest
 from hivemind.utils import ValueWithExpiration
 
-from hivetrain.assign import (
+from hivetrain.assign import Claim, ShardAssigner
+from hivetrain.leases import (
     Board,
-    Claim,
     Done,
     Lease,
-    ShardAssigner,
     choose,
     confirmed,
     current_epoch,

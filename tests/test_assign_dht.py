@@ -25,8 +25,9 @@ import pytest
 from hivemind.utils import get_dht_time
 from hivemind.utils.crypto import RSAPrivateKey
 
-from hivetrain.assign import LeaseTiming, ShardAssigner, shard_list_fingerprint, shard_order
+from hivetrain.assign import LeaseTiming, ShardAssigner
 from hivetrain.dht import ensure_run_validators, make_dht, signing_key, visible_addresses
+from hivetrain.leases import shard_list_fingerprint, shard_order
 from tests.util import REPO, wait_until
 
 FAST = LeaseTiming(settle_s=0.05, poll_s=0.05, request_timeout_s=5)

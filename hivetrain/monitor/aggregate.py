@@ -27,7 +27,7 @@ from typing import Any
 import hivemind
 from hivemind.utils import get_dht_time
 
-from ..assign import Board, current_epoch, parse_records, shard_list_fingerprint
+from ..leases import Board, current_epoch, parse_records, shard_list_fingerprint
 from ..metrics import MAX_RECORD_BYTES, MetricsRecord, metrics_key
 from . import refusals
 
