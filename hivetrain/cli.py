@@ -57,6 +57,7 @@ def _route_hivemind_logs(verbose: int) -> None:
     show_default=True,
     help="Name of the run; every peer of one run uses the same.",
 )
+@click.option("--name", help="This peer's name on the monitor [host name].")
 @click.option(
     "--initial-peer",
     "initial_peers",
@@ -167,6 +168,7 @@ def run(
     verbose: int,
     shards,
     run_id,
+    name,
     initial_peers,
     host_maddrs,
     announce_maddrs,
@@ -196,6 +198,7 @@ def run(
 
     network = NetworkOptions(
         run_id=run_id,
+        name=name,
         initial_peers=initial_peers,
         host_maddrs=host_maddrs or NetworkOptions.host_maddrs,
         announce_maddrs=announce_maddrs,

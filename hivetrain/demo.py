@@ -5,7 +5,8 @@
 3. `shardtool serve` serves them over HTTP on 127.0.0.1.
 4. Two `hivetrain run` peers join one run, fetch shards from the server on demand, divide every epoch's
    shards through the DHT, and average gradients with hivemind.
-5. Each peer reports its validation accuracy; chance is 10%.
+5. `hivetrain monitor` shows the run live at http://127.0.0.1:8080/.
+6. Each peer reports its validation accuracy; chance is 10%.
 
 Every step is the real command a user would type; its output is shown prefixed by who printed it.
 """
@@ -50,6 +51,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--dir", default="demo", help="working folder (recreated)")
     parser.add_argument("--epochs", type=int, default=6, help="passes over the training shards")
     parser.add_argument("--classes", type=int, default=10)
+    parser.add_argument(
+        "--monitor-port", type=int, default=8080, help="the monitor's page (0: any free port)"
+    )
     args = parser.parse_args(argv)
 
     work = Path(args.dir)
@@ -87,13 +91,18 @@ def main(argv: list[str] | None = None) -> int:
                   "--target-global-bsz", "256", "--epochs", str(args.epochs), "--workers", "1",
                   "--matchmaking-time", "2", "--averaging-timeout", "20", "--lease", "10"]  # fmt: skip
         out1: list[str] = []
-        peer1 = start("[peer-1]", out1, "hivetrain", "run", *common, "--log-dir", str(work / "peer-1"),
-                      "--checkpoint-dir", str(work / "peer-1" / "checkpoints"))  # fmt: skip
+        peer1 = start("[peer-1]", out1, "hivetrain", "run", *common, "--name", "peer-1",
+                      "--log-dir", str(work / "peer-1"), "--checkpoint-dir", str(work / "peer-1" / "checkpoints"))  # fmt: skip
         maddrs = work / "peer-1" / "maddrs.txt"
         first = _wait_for(lambda: maddrs.exists() and maddrs.read_text().split(), "peer-1's address")[0]
         out2: list[str] = []
-        peer2 = start("[peer-2]", out2, "hivetrain", "run", *common, "--initial-peer", first,
+        peer2 = start("[peer-2]", out2, "hivetrain", "run", *common, "--initial-peer", first, "--name", "peer-2",
                       "--log-dir", str(work / "peer-2"))  # fmt: skip
+
+        print("\n=== 5. watch the run: open the monitor's page in a browser", flush=True)
+        monitor_out: list[str] = []
+        start("[monitor]", monitor_out, "hivetrain", "monitor", "--run-id", "demo", "--initial-peer", first,
+              "--port", str(args.monitor_port), "--shards", manifest)  # fmt: skip
         codes = [peer1.wait(), peer2.wait()]
     finally:
         for proc in procs:
@@ -105,7 +114,7 @@ def main(argv: list[str] | None = None) -> int:
             except subprocess.TimeoutExpired:
                 os.killpg(proc.pid, signal.SIGKILL)
 
-    print(f"\n=== 5. results ({time.monotonic() - started:.0f} s)", flush=True)
+    print(f"\n=== 6. results ({time.monotonic() - started:.0f} s)", flush=True)
     chance = 100 / args.classes
     best = 0.0
     for name, out, code in (("peer-1", out1, codes[0]), ("peer-2", out2, codes[1])):

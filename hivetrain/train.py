@@ -56,6 +56,7 @@ class NetworkOptions:
     """How this peer joins the run (see `hivetrain run --help`)."""
 
     run_id: str = "hivetrain"
+    name: str | None = None  # shown by the monitor; default: the host name
     initial_peers: tuple[str, ...] = ()
     host_maddrs: tuple[str, ...] = ("/ip4/127.0.0.1/tcp/0",)
     announce_maddrs: tuple[str, ...] = ()
@@ -197,7 +198,7 @@ class Peer:
         )  # fmt: skip
         addresses = [] if n.client_mode else visible_addresses(dht)
         self.publisher = MetricsPublisher(
-            dht, n.run_id, peer_name=socket.gethostname(), address=addresses[0] if addresses else "",
+            dht, n.run_id, peer_name=n.name or socket.gethostname(), address=addresses[0] if addresses else "",
             device=describe_device(self.device), shards=[s.name for s in self.manifest.split(self.options.split).shards],
         )  # fmt: skip
         (self.log_dir / "maddrs.txt").write_text("".join(a + "\n" for a in addresses))
