@@ -107,10 +107,14 @@ def _slow_path(data: bytes, im: Image.Image, target: str, fits: bool, options: I
         # Decodes completely, only has bytes after its end marker: keep it as it is.
         return Normalised(target, None, im.width, im.height)
     reason = f"{source_format} {original_mode}" if fits else "resize"
-    rgb = _to_rgb(im)
-    if not fits:
-        rgb = rgb.resize(_resized(rgb.size, options.resize), Image.Resampling.BICUBIC)
-    return Normalised(target, encode(rgb, target, options.quality), rgb.width, rgb.height, reason)
+    try:
+        rgb = _to_rgb(im)
+        if not fits:
+            rgb = rgb.resize(_resized(rgb.size, options.resize), Image.Resampling.BICUBIC)
+        data = encode(rgb, target, options.quality)
+    except Exception as e:  # an odd mode or format Pillow cannot convert: skip the file, not the build
+        raise BadImage(f"cannot convert {source_format} {original_mode} to RGB ({_describe(e)})") from None
+    return Normalised(target, data, rgb.width, rgb.height, reason)
 
 
 def encode(im: Image.Image, ext: str, quality: int = 90) -> bytes:
