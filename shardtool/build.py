@@ -223,14 +223,11 @@ def _compare_with_definition(source, listings) -> list[str]:
     definition = datasets.match(source.layout, len(source.classes))
     if definition is None:
         return []
-    notes = []
-    for split, listing in listings.items():
-        expected = definition.splits.get(split)
-        found = len(listing.records)
-        if expected is not None and found < expected:
-            notes.append(
-                f"{definition.name} {split}: found {found:,} of {expected:,} images ({expected - found:,} missing)"
-            )
+    notes = [
+        f"{definition.name} {split}: found {found:,} of {expected:,} images ({expected - found:,} missing)"
+        for split, listing in listings.items()
+        if (expected := definition.splits.get(split, 0)) > (found := len(listing.records))
+    ]
     for note in notes:
         log.warning(note)
     return notes
@@ -244,15 +241,7 @@ def _check(record: Record, options: ImageOptions) -> tuple:
     try:
         if isinstance(record.data, PixelData):
             d = record.data
-            return (
-                "png",
-                encode_pixels(d.pixels, d.width, d.height),
-                len(d.pixels),
-                d.width,
-                d.height,
-                None,
-                None,
-            )
+            return "png", encode_pixels(d.pixels, d.width, d.height), 0, d.width, d.height, None, None
         data = record.data.read()
         n = normalise(data, record.declared, options)
         return n.ext, n.data, len(data), n.width, n.height, n.converted, None
@@ -288,15 +277,7 @@ def _build_split(split, records, out, options, unlabeled, journal, report, progr
     _remove_stale(out, split, len(done))
     labeled = split not in unlabeled
     todo = records[start:]
-    bar = tqdm(
-        total=len(records),
-        initial=start,
-        desc=split,
-        unit="img",
-        disable=not progress or None,
-        dynamic_ncols=True,
-        smoothing=0.1,
-    )
+    bar = tqdm(total=len(records), initial=start, desc=split, unit="img", disable=not progress or None)
     pool = None
     if options.workers > 0 and todo:
         gc.freeze()  # forked workers share the record list: keep their garbage collector off its pages
