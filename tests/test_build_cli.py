@@ -183,15 +183,6 @@ def test_strict_makes_a_bad_file_fatal(tmp_path):
     assert not (out / "manifest.json").exists() and not list(out.glob(".*.tmp"))
 
 
-# ShardWriter.abort() (shardtool/writer.py) closes the file under tarfile's stream, which flushes into it
-# when garbage-collected and prints "Exception ignored ... ValueError: write to closed file": a traceback
-# after every build stopped mid-shard. These pass once the writer stops leaving that stream behind.
-WRITER_ABORT_BUG = pytest.mark.xfail(
-    strict=True, reason="ShardWriter.abort() leaves tarfile's stream to flush at GC"
-)
-
-
-@WRITER_ABORT_BUG
 def test_strict_prints_no_traceback(tmp_path):
     datagen.tiny_imagenet(tmp_path / "tiny")
     proc = cli(
@@ -200,7 +191,6 @@ def test_strict_prints_no_traceback(tmp_path):
     assert proc.returncode == 1 and "Traceback" not in proc.stderr and "Exception ignored" not in proc.stderr
 
 
-@WRITER_ABORT_BUG
 def test_ctrl_c_prints_no_traceback(tmp_path, children):
     content = datagen.imagenet_content(num_classes=2, per_class=150, val_images=0, awkward_files=False)
     for files in content.train.values():  # CMYK: every image is re-encoded, so the one shard fills slowly

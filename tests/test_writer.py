@@ -48,3 +48,26 @@ def test_keys_with_dots_are_refused(tmp_path):
     with pytest.raises(ValueError, match=r"no '\.'"):
         w.write("a.b", {"cls": b"0"})
     w.abort()
+
+
+@pytest.mark.parametrize("seed", range(6))
+def test_bytes_equal_webdatasets_tarwriter(tmp_path, seed):
+    """The hand-built headers give exactly the archive webdataset's TarWriter (over tarfile) writes."""
+    import io
+    import random
+
+    rng = random.Random(seed)
+    samples = []
+    for i in range(rng.randint(1, 30)):
+        key = f"k{i}_" + "x" * rng.choice([1, 40, 95, 120])  # past 100 characters: tarfile's PAX path
+        sizes = [0, 1, 511, 512, 513, rng.randint(0, 5000)]
+        samples.append((key, {ext: rng.randbytes(rng.choice(sizes)) for ext in ("jpg", "cls", "json")}))
+    with ShardWriter(tmp_path / "ours.tar", fsync=False) as w:
+        for key, fields in samples:
+            w.write(key, fields)
+    reference = io.BytesIO()
+    tw = wds.TarWriter(reference, user="", group="", mode=0o444, mtime=0, encoder=False)
+    for key, fields in samples:
+        tw.write({"__key__": key, **fields})
+    tw.close()
+    assert (tmp_path / "ours.tar").read_bytes() == reference.getvalue()
