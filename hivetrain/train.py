@@ -296,7 +296,8 @@ class Peer:
             )
         self.summary.global_step = self.opt.local_epoch
         self.summary.shards_read = self.feed.shards_read
-        if self.opt.local_epoch != last_val or not self.summary.val:
+        finished = not self.stop_event.is_set()  # a stop (Ctrl-C, SIGTERM) should not wait for a validation
+        if finished and (self.opt.local_epoch != last_val or not self.summary.val):
             final = dict(time=time.time(), global_step=self.opt.local_epoch, **self._validate_and_save())
             self.metrics.write(final)
             self.publisher.update(**final)
