@@ -5,9 +5,9 @@ PYTHON ?= $(shell command -v python3.11 2>/dev/null || command -v python3)
 VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
-PYTEST_ARGS ?=
+PYTEST_ARGS ?= --durations=15
 
-.PHONY: venv demo test test-all lint bench pillow-simd clean
+.PHONY: venv demo test lint bench pillow-simd clean
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -35,7 +35,7 @@ bench: $(STAMP)
 ## pillow-simd: swap in the SIMD build of Pillow (compiles from source; optional fast path)
 pillow-simd: $(STAMP)
 	$(BIN)/pip uninstall -y pillow
-	CC="cc -mavx2" $(BIN)/pip install --no-binary :all: pillow-simd
+	CC="cc -mavx2" $(BIN)/pip install --no-binary pillow-simd pillow-simd
 
 clean:
 	rm -rf $(VENV) demo bench/out .pytest_cache
