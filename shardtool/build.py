@@ -19,6 +19,7 @@ The pipeline, per split:
 from __future__ import annotations
 
 import contextlib
+import errno
 import functools
 import gc
 import hashlib
@@ -158,33 +159,51 @@ def build(
     notes = _compare_with_definition(source, listings)
     build_info = _build_info(source.layout, options)
     fingerprint = _fingerprint(build_info, orders)
-    journal = _Journal.open(out, fingerprint, build_info, overwrite=overwrite)
+    with _write_errors(out):
+        journal = _Journal.open(out, fingerprint, build_info, overwrite=overwrite)
 
-    skipped: list[dict[str, str]] = []
-    reports, result_splits = [], {}
-    for split in splits:
-        skipped += listings[split].skipped
-        report = SplitReport(split, len(listings[split].records))
-        shards, split_skipped = _build_split(
-            split, orders[split], out, options, source.unlabeled, journal, report, progress
+        skipped: list[dict[str, str]] = []
+        reports, result_splits = [], {}
+        for split in splits:
+            skipped += listings[split].skipped
+            report = SplitReport(split, len(listings[split].records))
+            shards, split_skipped = _build_split(
+                split, orders[split], out, options, source.unlabeled, journal, report, progress
+            )
+            skipped += split_skipped
+            report.skipped += len(listings[split].skipped)
+            result_splits[split] = Split(shards, labeled=split not in source.unlabeled)
+            reports.append(report)
+
+        definition = datasets.match(source.layout, len(source.classes))
+        manifest = Manifest(
+            dataset=options.name or (definition.name if definition else Path(src).resolve().name),
+            layout=source.layout,
+            classes=source.classes,
+            splits=result_splits,
+            build=build_info,
+            skipped=sorted(skipped, key=lambda s: s["path"]),
         )
-        skipped += split_skipped
-        report.skipped += len(listings[split].skipped)
-        result_splits[split] = Split(shards, labeled=split not in source.unlabeled)
-        reports.append(report)
-
-    definition = datasets.match(source.layout, len(source.classes))
-    manifest = Manifest(
-        dataset=options.name or (definition.name if definition else Path(src).resolve().name),
-        layout=source.layout,
-        classes=source.classes,
-        splits=result_splits,
-        build=build_info,
-        skipped=sorted(skipped, key=lambda s: s["path"]),
-    )
-    manifest.save(out / MANIFEST_NAME)
+        manifest.save(out / MANIFEST_NAME)
     manifest.origin = str(out / MANIFEST_NAME)
     return BuildReport(manifest, reports, time.monotonic() - started, notes)
+
+
+_FULL = (errno.ENOSPC, errno.EDQUOT, errno.EFBIG)
+_WRITE_ERRORS = (*_FULL, errno.EROFS, errno.EIO, errno.EACCES, errno.EPERM)
+
+
+@contextlib.contextmanager
+def _write_errors(out: Path):
+    """A write into `out` that fails (a full disk, a file size limit, a read-only mount) is one line that
+    says what to do; whatever finished is kept for the rerun."""
+    try:
+        yield
+    except OSError as e:
+        if e.errno not in _WRITE_ERRORS:
+            raise
+        hint = "; free some space and run the same command again (finished shards are kept)"
+        raise BuildError(f"{out}: cannot write ({e.strerror}){hint if e.errno in _FULL else ''}") from None
 
 
 def _order(records: list[Record], split: str, options: BuildOptions) -> list[Record]:

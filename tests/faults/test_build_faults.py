@@ -1,0 +1,146 @@
+"""`shardtool build` under faults: kill -9 at random points, a disk that fills, sources that change or vanish.
+
+Every case runs the installed `shardtool` in a subprocess and kills it, starves it of space or changes its
+input with real signals, a real size-limited tmpfs mount (or a kernel-enforced file size limit where
+mounting is refused) and real file operations.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import resource
+import signal
+import subprocess
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+
+from tests import datagen
+from tests.faults.helpers import bad_finals, shard_map, temp_files
+from tests.util import cli
+
+
+@dataclass
+class Reference:
+    """A dataset tree, the build command for it, and an uninterrupted build of it."""
+
+    src: Path
+    args: list
+    out: Path
+    seconds: float
+    shards: dict
+    manifest: bytes
+
+
+def reference_build(root: Path, src: Path, *args) -> Reference:
+    out = root / "reference"
+    command = ["build", src, *args]
+    started = time.monotonic()
+    cli("shardtool", *command, "--out", out, check=True)
+    seconds = time.monotonic() - started
+    return Reference(src, command, out, seconds, shard_map(out), (out / "manifest.json").read_bytes())
+
+
+def differences(out: Path, ref: Reference) -> int:
+    """Shards (and the manifest) of `out` that differ from the reference build, plus extra shard files."""
+    if not (out / "manifest.json").exists():
+        return len(ref.shards) + 1
+    got = shard_map(out)
+    lost = sum(got.get(name) != shard for name, shard in ref.shards.items())
+    lost += len({p.name for p in out.glob("*.tar")} - set(ref.shards))
+    return lost + ((out / "manifest.json").read_bytes() != ref.manifest)
+
+
+@pytest.fixture(scope="module")
+def imagenet(tmp_path_factory) -> Reference:
+    """An ILSVRC-layout tree with awkward files; one sample per shard, so a build writes ~165 shards."""
+    root = tmp_path_factory.mktemp("build-faults")
+    content = datagen.imagenet_content(num_classes=3, per_class=50, val_images=15)
+    datagen.imagenet_tree(root / "src", content)
+    return reference_build(root, root / "src", "--workers", "2", "--max-per-shard", "1")
+
+
+# ---- a disk that fills ---------------------------------------------------------------------------
+
+
+@contextlib.contextmanager
+def tmpfs(path: Path, size: int):
+    """A real size-limited file system (tmpfs) at `path`; skips the test where mounting is refused."""
+    path.mkdir(parents=True, exist_ok=True)
+    proc = subprocess.run(
+        ["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(path)], capture_output=True, text=True
+    )
+    if proc.returncode != 0:
+        pytest.skip(f"cannot mount a tmpfs here ({proc.stderr.strip() or proc.returncode})")
+    try:
+        yield lambda new_size: subprocess.run(
+            ["mount", "-o", f"remount,size={new_size}", str(path)], check=True, capture_output=True
+        )
+    finally:
+        subprocess.run(["umount", "-l", str(path)], capture_output=True)
+
+
+def _limit_file_size(limit: int):
+    def apply():
+        # The kernel refuses writes past `limit` bytes in any one file (EFBIG) once SIGXFSZ is ignored.
+        signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+        resource.setrlimit(resource.RLIMIT_FSIZE, (limit, limit))
+
+    return apply
+
+
+@pytest.mark.parametrize("how", ["tmpfs", "rlimit-fsize"])
+def test_disk_full_is_one_clear_error_and_a_rerun_with_space_converges(imagenet, tmp_path, fault, how):
+    fault.case(
+        "build",
+        f"disk fills during the build ({'a full tmpfs: ENOSPC' if how == 'tmpfs' else 'RLIMIT_FSIZE: EFBIG'})",
+        lost_means="a bad file under a final name, or shards differing from a clean build after the rerun",
+    )
+    ref = imagenet
+    total = sum(p.stat().st_size for p in ref.out.rglob("*") if p.is_file())
+    rng = fault.rng()
+    with contextlib.ExitStack() as stack:
+        if how == "tmpfs":
+            out = tmp_path / "small" / "out"
+            grow = stack.enter_context(tmpfs(tmp_path / "small", int(total * rng.uniform(0.3, 0.8))))
+            proc = cli("shardtool", *ref.args, "--out", out)
+        else:
+            out = tmp_path / "out"
+            proc = cli(
+                "shardtool",
+                *ref.args,
+                "--max-per-shard",
+                "6",
+                "--out",
+                out,
+                preexec_fn=_limit_file_size(20_000),
+            )
+        lines = proc.stderr.strip().splitlines()
+        print(proc.stderr[-2000:])
+        assert proc.returncode == 1, proc.stderr[-3000:]
+        assert "Traceback" not in proc.stderr, proc.stderr[-3000:]
+        reason = "No space left on device" if how == "tmpfs" else "File too large"
+        assert lines[-1].startswith(f"Error: {out}: cannot write ({reason})"), lines[-1]
+        assert "run the same command again" in lines[-1]
+        assert not temp_files(out), temp_files(out)
+        assert not (out / "manifest.json").exists()
+        if how == "tmpfs":
+            bad = bad_finals(out, ref.shards)
+            assert not bad, bad
+            grow(2 * total + (1 << 20))  # space freed
+            rerun = cli("shardtool", *ref.args, "--out", out)
+            assert rerun.returncode == 0, rerun.stderr
+            assert "kept from before" in rerun.stderr
+            lost = differences(out, ref)
+        else:
+            rerun = cli("shardtool", *ref.args, "--max-per-shard", "6", "--out", out)  # no limit now
+            assert rerun.returncode == 0, rerun.stderr
+            clean = tmp_path / "clean"
+            cli("shardtool", *ref.args, "--max-per-shard", "6", "--out", clean, check=True)
+            lost = sum(a != b for a, b in zip(shard_map(out).items(), shard_map(clean).items()))
+            lost += (out / "manifest.json").read_bytes() != (clean / "manifest.json").read_bytes()
+        assert not temp_files(out)
+    fault.once(lost)
+    assert lost == 0
