@@ -160,6 +160,7 @@ def build(
     build_info = _build_info(source.layout, options)
     fingerprint = _fingerprint(build_info, orders)
     with _write_errors(out):
+        _remove_stale_temps(out)
         journal = _Journal.open(out, fingerprint, build_info, overwrite=overwrite)
 
         skipped: list[dict[str, str]] = []
@@ -424,6 +425,14 @@ def _remove_stale(out: Path, split: str, first_unfinished: int) -> None:
         if (m and m.group(1) == split and int(m.group(2)) >= first_unfinished) or (
             _TEMP_FILE.fullmatch(path.name) and path.name.startswith(f".{split}-")
         ):
+            log.debug("removing %s left by an interrupted build", path)
+            path.unlink()
+
+
+def _remove_stale_temps(out: Path) -> None:
+    """Delete the temp files of a manifest or journal write that a kill interrupted."""
+    for pattern in (f".{MANIFEST_NAME}.*.tmp", f"{JOURNAL_DIR}/.{JOURNAL}.*.tmp"):
+        for path in out.glob(pattern):
             log.debug("removing %s left by an interrupted build", path)
             path.unlink()
 

@@ -8,7 +8,10 @@ mounting is refused) and real file operations.
 from __future__ import annotations
 
 import contextlib
+import os
+import random
 import resource
+import shutil
 import signal
 import subprocess
 import time
@@ -18,8 +21,8 @@ from pathlib import Path
 import pytest
 
 from tests import datagen
-from tests.faults.helpers import bad_finals, shard_map, temp_files
-from tests.util import cli
+from tests.faults.helpers import bad_finals, shard_map, temp_files, wait_group_gone
+from tests.util import BIN, cli
 
 
 @dataclass
@@ -60,6 +63,51 @@ def imagenet(tmp_path_factory) -> Reference:
     content = datagen.imagenet_content(num_classes=3, per_class=50, val_images=15)
     datagen.imagenet_tree(root / "src", content)
     return reference_build(root, root / "src", "--workers", "2", "--max-per-shard", "1")
+
+
+# ---- kill -9 at random points -------------------------------------------------------------------
+
+
+def test_kill_9_at_random_points_then_rerun_converges(imagenet, tmp_path, children, fault):
+    fault.case(
+        "build",
+        "kill -9 at random points (main process or whole group, 1-2 kills), then rerun",
+        lost_means="shards or manifest differing from an uninterrupted build, or a bad file under a final name",
+    )
+    ref = imagenet
+
+    def run(k: int, rng: random.Random) -> int:
+        out = tmp_path / f"run{k}"
+        lost = 0
+        for _ in range(rng.randint(1, 2)):
+            delay = rng.uniform(0.0, 1.2 * ref.seconds)
+            whole_group = rng.random() < 0.5
+            proc = children.start(
+                BIN / "shardtool", *ref.args, "--out", out, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE
+            )
+            try:
+                proc.wait(timeout=delay)
+                print(f"  finished before the kill at {delay:.2f} s")
+            except subprocess.TimeoutExpired:
+                (os.killpg if whole_group else os.kill)(proc.pid, signal.SIGKILL)
+                proc.wait(timeout=30)
+                print(f"  killed {'the group' if whole_group else 'the main process'} at {delay:.2f} s")
+            proc.stderr.close()
+            wait_group_gone(proc.pid)  # the build's workers notice and go
+            # nothing that looks finished is incomplete
+            bad = bad_finals(out, ref.shards) if out.exists() else []
+            lost += len(bad)
+            assert not bad, f"after a kill at {delay:.2f} s: {bad} under final names do not verify"
+            if (out / "manifest.json").exists():
+                assert (out / "manifest.json").read_bytes() == ref.manifest, "a manifest before the end"
+        rerun = cli("shardtool", *ref.args, "--out", out)
+        assert rerun.returncode == 0, rerun.stderr
+        lost += differences(out, ref)
+        assert not temp_files(out), temp_files(out)
+        shutil.rmtree(out)
+        return lost
+
+    fault.repeat(run)
 
 
 # ---- a disk that fills ---------------------------------------------------------------------------
