@@ -8,8 +8,8 @@ The pipeline, per split:
 3. Check and normalise images in worker processes (images.py), in that fixed order (`imap`), while this
    process packs the results into shards by size (writer.ShardWriter). Workers return only what
    changed: an image kept byte-for-byte is read again here from the page cache, which costs less than
-   sending it through a pipe. Because the order is fixed before any work starts, the shards are
-   bit-identical whatever `--workers` is.
+   sending it through a pipe (and checked again if the file changed in between). Because the order is
+   fixed before any work starts, the shards are bit-identical whatever `--workers` is.
 4. After each shard is renamed into place, a line goes into the journal `OUT/.shardtool-build/journal.jsonl`
    (shard entry, record range, skipped files). A rerun of the same command checks the finished shards
    (size and sha256) and continues from the first unfinished record; a different input or different
@@ -44,7 +44,7 @@ from .errors import BuildError
 from .fsutil import atomic_write_text, fsync_dir
 from .images import BadImage, ImageOptions, encode_pixels, normalise
 from .manifest import MANIFEST_NAME, Manifest, Shard, Split
-from .sources import PixelData, Record, SourceOptions, open_source
+from .sources import PixelData, Record, SourceOptions, Stamp, open_source
 from .verify import verify_shard
 from .writer import ShardWriter
 
@@ -257,18 +257,46 @@ def _compare_with_definition(source, listings) -> list[str]:
 
 
 def _check(record: Record, options: ImageOptions) -> tuple:
-    """Worker side: (ext, new bytes or None, source length, width, height, converted, skip reason)."""
+    """Worker side: (ext, new bytes or None, source stamp, width, height, converted, skip reason).
+
+    The stamp (see `Stamp`) is taken before the read: the packer matches it against one taken after its
+    own read of a file kept as it is, so bytes that changed after this check are never stored unchecked.
+    """
+    if isinstance(record.data, PixelData):
+        d = record.data
+        return "png", encode_pixels(d.pixels, d.width, d.height), (), d.width, d.height, None, None
     try:
-        if isinstance(record.data, PixelData):
-            d = record.data
-            return "png", encode_pixels(d.pixels, d.width, d.height), 0, d.width, d.height, None, None
-        data = record.data.read()
-        n = normalise(data, record.declared, options)
-        return n.ext, n.data, len(data), n.width, n.height, n.converted, None
-    except BadImage as e:
-        return None, None, 0, 0, 0, None, str(e)
+        data, stamp = record.data.read_stamped(stamp_first=True)
     except OSError as e:
-        return None, None, 0, 0, 0, None, f"cannot read ({e.strerror or e})"
+        return None, None, (), 0, 0, None, f"cannot read ({e.strerror or e})"
+    return _judge(record, data, stamp, options)
+
+
+def _judge(record: Record, data: bytes, stamp: Stamp, options: ImageOptions) -> tuple:
+    try:
+        n = normalise(data, record.declared, options)
+    except BadImage as e:
+        return None, None, stamp, 0, 0, None, str(e)
+    return n.ext, n.data, stamp, n.width, n.height, n.converted, None
+
+
+def _reread(record: Record, result: tuple, options: ImageOptions) -> tuple[bytes | None, tuple]:
+    """Packer side, for a file a worker kept as it is: its bytes read again (from the page cache, which
+    costs less than sending them through a pipe), and the result to use.
+
+    A file that vanished or changed since the worker checked it is checked again here, as it is now:
+    skipped with a reason, or stored with the bytes just read, never with bytes nobody checked.
+    """
+    try:
+        data, stamp = record.data.read_stamped(stamp_first=False)
+    except OSError as e:
+        reason = f"cannot read ({e.strerror or e}) since it was checked: changed during the build"
+        return None, (None, None, (), 0, 0, None, reason)
+    if stamp == result[2]:
+        return data, result
+    log.warning("%s changed since a worker checked it: checking it again", record.location)
+    result = _judge(record, data, stamp, options)
+    return (result[1] if result[1] is not None else data), result
 
 
 # Set once in each worker process by `_worker_init` (the parent never sets it): the records to check, which
@@ -313,7 +341,10 @@ def _build_split(split, records, out, options, unlabeled, journal, report, progr
     bytes_in, last_post, t0 = 0, 0.0, time.monotonic()
     try:
         for i, (record, result) in enumerate(zip(todo, results), start):
-            ext, data, size, width, height, converted, reason = result
+            data = result[1]
+            if data is None and result[6] is None:  # kept as it is: read it again here
+                data, result = _reread(record, result, options.image)
+            ext, _, _, width, height, converted, reason = result
             bar.update(1)
             if reason is not None:
                 if options.strict:
@@ -323,10 +354,6 @@ def _build_split(split, records, out, options, unlabeled, journal, report, progr
                 packer.skipped.append({"path": record.location, "reason": reason})
                 report.skipped += 1
                 continue
-            if data is None:  # kept as it is: read it again here (page cache) rather than through a pipe
-                data = record.data.read()
-                if len(data) != size:
-                    raise BuildError(f"{record.location}: changed while the build was reading it")
             report.converted += converted is not None
             meta = {"source": record.source, "width": width, "height": height}
             fields = {ext: data}

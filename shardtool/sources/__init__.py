@@ -39,6 +39,14 @@ IMAGE_EXTENSIONS = (
 )  # torchvision's
 WNID = re.compile(r"n\d{8}")
 
+Stamp = tuple[int, ...]
+"""What changes when a file is written or replaced: (device, inode, size, modification time in ns)."""
+
+
+def _stamp(fd: int) -> Stamp:
+    st = os.fstat(fd)
+    return st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns
+
 
 @dataclass(frozen=True, slots=True)
 class FileData:
@@ -47,8 +55,18 @@ class FileData:
     path: str
 
     def read(self) -> bytes:
+        return self.read_stamped(stamp_first=False)[0]
+
+    def read_stamped(self, *, stamp_first: bool) -> tuple[bytes, Stamp]:
+        """The bytes and the file's stamp, taken before the read (`stamp_first`) or after it.
+
+        A stamp taken before one read and another taken after a later read are equal only if the file
+        was not written or replaced in between, so a check can be matched with the bytes read later.
+        """
         with open(self.path, "rb", buffering=0) as f:  # unbuffered: one read of the whole file
-            return f.readall()
+            before = _stamp(f.fileno()) if stamp_first else None
+            data = f.readall()
+            return data, before or _stamp(f.fileno())
 
 
 @dataclass(frozen=True, slots=True)
@@ -60,14 +78,20 @@ class MemberData:
     size: int
 
     def read(self) -> bytes:
+        return self.read_stamped(stamp_first=False)[0]
+
+    def read_stamped(self, *, stamp_first: bool) -> tuple[bytes, Stamp]:
+        """The bytes and the archive's stamp (see `FileData.read_stamped`)."""
         fd = os.open(self.archive, os.O_RDONLY)
         try:
+            before = _stamp(fd) if stamp_first else None
             data = os.pread(fd, self.size, self.offset)
+            stamp = before or _stamp(fd)
         finally:
             os.close(fd)
         if len(data) != self.size:
             raise OSError(f"archive ends inside this member ({len(data)} of {self.size} bytes)")
-        return data
+        return data, stamp
 
 
 @dataclass(frozen=True, slots=True)
@@ -80,6 +104,9 @@ class PixelData:
 
     def read(self) -> bytes:
         return self.pixels
+
+    def read_stamped(self, *, stamp_first: bool) -> tuple[bytes, Stamp]:
+        return self.pixels, ()
 
 
 @dataclass(frozen=True, slots=True)

@@ -20,9 +20,12 @@ from pathlib import Path
 
 import pytest
 
+from shardtool.build import BuildOptions, _order
+from shardtool.manifest import load
+from shardtool.sources import open_source
 from tests import datagen
-from tests.faults.helpers import bad_finals, shard_map, temp_files, wait_group_gone
-from tests.util import BIN, cli
+from tests.faults.helpers import bad_finals, samples_by_source, shard_map, temp_files, wait_group_gone
+from tests.util import BIN, cli, wait_until
 
 
 @dataclass
@@ -192,3 +195,96 @@ def test_disk_full_is_one_clear_error_and_a_rerun_with_space_converges(imagenet,
         assert not temp_files(out)
     fault.once(lost)
     assert lost == 0
+
+
+# ---- source files that change or vanish during the build ----------------------------------------
+
+
+def test_sources_changing_or_vanishing_mid_build(tmp_path, children, fault):
+    """Files deleted, overwritten with garbage of the same size, or replaced by another image while the
+    build runs: after the build's workers checked them and before the packer reads them again."""
+    fault.case(
+        "build",
+        "source files deleted / overwritten (same size) / replaced while the build runs",
+        lost_means="images neither stored with their bytes at read time nor listed as skipped; "
+        "stored bytes that were never checked",
+    )
+    rng = fault.rng()
+    src = tmp_path / "src"
+    originals = {}
+    for c in range(3):
+        for i in range(100):
+            data = datagen.jpeg(c * 1000 + i, (48, 36))
+            (src / f"c{c}").mkdir(parents=True, exist_ok=True)
+            (src / f"c{c}" / f"{i:04d}.jpg").write_bytes(data)
+            originals[f"c{c}/{i:04d}.jpg"] = data
+    args = ["build", src, "--workers", "2", "--max-per-shard", "1"]
+    # the order the build packs records in, to change files the workers have checked but the packer has
+    # not read yet: the packer is paused as its first shard begins, the workers check on meanwhile
+    source = open_source(src)
+    order = [r.source for r in _order(source.listing("train").records, "train", BuildOptions())]
+    targets = rng.sample(order[40:200], 30)
+    deleted, garbage, replaced = targets[:10], targets[10:20], targets[20:]
+
+    out = tmp_path / "out"
+    proc = children.start(
+        BIN / "shardtool", *args, "--out", out, stdout=subprocess.PIPE, stderr=subprocess.PIPE
+    )
+    wait_until(
+        lambda: (out.is_dir() and any(out.glob(".train-*.tmp"))) or proc.poll() is not None,
+        interval=0.001,
+        what="the first shard",
+    )
+    os.kill(proc.pid, signal.SIGSTOP)  # the packer only: its workers check on
+    try:
+        new = {}
+        for name in deleted:
+            (src / name).unlink()
+        for name in garbage:
+            (src / name).write_bytes(random.Random(name).randbytes(len(originals[name])))
+        for k, name in enumerate(replaced):
+            new[name] = datagen.jpeg(50_000 + k, (64, 40))
+            tmp = src / f".{k}.tmp"
+            tmp.write_bytes(new[name])
+            os.replace(tmp, src / name)  # the way sync tools replace files
+    finally:
+        os.kill(proc.pid, signal.SIGCONT)
+    _, stderr = proc.communicate(timeout=120)
+    stderr = stderr.decode()
+    print(stderr[-3000:])
+    assert proc.returncode == 0, stderr[-3000:]
+    assert "Traceback" not in stderr
+
+    manifest = load(out / "manifest.json")
+    skipped = {s["path"]: s["reason"] for s in manifest.skipped}
+    stored = samples_by_source(out)
+    lost = 0
+    before = 0  # targets the packer had read before they changed: stored as they were, which is right
+    for name, data in originals.items():
+        if name in targets and stored.get(name) == data:
+            before += 1
+            continue
+        if name in deleted or name in garbage:
+            ok = name in skipped and name not in stored
+        elif name in replaced:
+            ok = stored.get(name) == new[name]
+        else:
+            ok = stored.get(name) == data
+        if not ok:
+            lost += 1
+            print(f"LOST {name}: stored={name in stored} skipped={skipped.get(name)}")
+    caught = stderr.count("changed since a worker checked it") + stderr.count("since it was checked")
+    print(f"{len(targets)} files changed: {before} read before the change, {caught} caught after their check")
+    fault.once(lost)
+    assert lost == 0
+    assert not temp_files(out)
+
+    # the input changed, so the same command refuses to mix it with this build; --overwrite rebuilds,
+    # identical to a clean build of the tree as it is now
+    again = cli("shardtool", *args, "--out", out)
+    assert again.returncode == 1 and "holds a build of different input" in again.stderr.splitlines()[-1]
+    cli("shardtool", *args, "--out", out, "--overwrite", check=True)
+    clean = tmp_path / "clean"
+    cli("shardtool", *args, "--out", clean, check=True)
+    assert shard_map(out) == shard_map(clean)
+    assert (out / "manifest.json").read_bytes() == (clean / "manifest.json").read_bytes()
