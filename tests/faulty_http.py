@@ -1,5 +1,6 @@
-"""An HTTP mirror for tests that misbehaves on purpose: corrupt shards, cut or stalled bodies, 5xx,
-ignored Range headers. Real sockets on a loopback address; every request is recorded.
+"""An HTTP mirror for tests that misbehaves on purpose: corrupt shards, one wrong byte, truncated files,
+cut or stalled bodies, 5xx, ignored Range headers. Real sockets on a loopback address; every request
+is recorded.
 
 Built on http.server because the faults need control below what a production server allows (closing
 a connection mid-body, sending wrong bytes under a correct Content-Length).
@@ -26,6 +27,9 @@ class Faults:
     fail_first: int = 0  # answer the first N requests with 503
     missing: set[str] = field(default_factory=set)  # shards answered with 404
     rate: float | None = None  # bytes per second of each response body
+    status: int | None = None  # answer every request with this status (e.g. 500)
+    wrong_byte: dict[str, int] = field(default_factory=dict)  # shard -> offset of one byte served wrong
+    truncate: dict[str, int] = field(default_factory=dict)  # shard -> length served (a truncated file)
 
 
 @dataclass
@@ -102,9 +106,16 @@ class FaultyMirror:
             failing = len(self.requests) < faults.fail_first
         if failing:
             return self._status(handler, 503)
+        if faults.status is not None:
+            return self._status(handler, faults.status)
         data = path.read_bytes()
         if name in faults.corrupt:
             data = bytes(b ^ 0xFF for b in data[:4096]) + data[4096:]
+        if name in faults.wrong_byte:
+            at = faults.wrong_byte[name]
+            data = data[:at] + bytes([data[at] ^ 0x01]) + data[at + 1 :]
+        if name in faults.truncate:
+            data = data[: faults.truncate[name]]
         start, end = 0, len(data)
         rng = handler.headers.get("Range")
         status = 200
