@@ -7,10 +7,11 @@ images with the same transforms, batch size and loader workers, on the CPU unles
   hivetrain a single `hivetrain.train.Peer` (DHT, shard leases, shard cache, webdataset stream,
            hivemind.Optimizer) over shards built from the same tree
 
-Throughput is measured over the same number of steps after the same warm-up, in one process, one after
-the other; the table gives samples/s, the ratio, and the peer's data-wait fraction.
+Throughput is measured over the same number of steps after the same warm-up, in one process, in rounds
+that alternate which runs first; the table gives median samples/s, the median of the per-round ratios,
+and the peer's data-wait fraction.
 
-    python bench/train.py [--steps 40] [--warmup 10] [--batch 64] [--size 64] [--workers 2] [--device cpu]
+    python bench/train.py [--rounds 3] [--steps 40] [--warmup 10] [--batch 64] [--size 64] [--workers 2] [--device cpu]
 """
 
 from __future__ import annotations
@@ -18,6 +19,8 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import shutil
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -78,6 +81,7 @@ def plain_loop(train_dir: Path, args, num_classes: int) -> float:
 
 def hivetrain_peer(shards: Path, args, work: Path) -> tuple[float, float]:
     log_dir = work / "peer-logs"
+    shutil.rmtree(log_dir, ignore_errors=True)  # metrics.jsonl appends: start from an empty one
     options = TrainOptions(
         shards=str(shards / "manifest.json"), model=args.model, batch=args.batch, image_size=args.size,
         target_global_bsz=4 * args.batch, epochs=1000, val_interval=10**9, workers=args.workers,
@@ -117,6 +121,7 @@ def main() -> None:
     parser.add_argument("--workers", type=int, default=2)
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--classes", type=int, default=10)
+    parser.add_argument("--rounds", type=int, default=3, help="alternating repeats; medians are reported")
     parser.add_argument("--work", type=Path, default=Path(tempfile.gettempdir()) / "bench-train")
     args = parser.parse_args()
     logging.basicConfig(level=logging.WARNING)
@@ -125,16 +130,28 @@ def main() -> None:
     train_dir, shards = dataset(args.work / f"{args.size}px", args.classes, per_class, args.size)
     num_classes = manifest_io.load(shards).num_classes
 
-    plain = plain_loop(train_dir, args, num_classes)
-    ours, wait = hivetrain_peer(shards, args, args.work)
+    plain, ours, waits, ratios = [], [], [], []
+    for r in range(args.rounds):  # alternate the order so that a change in machine load hits both alike
+        first_plain = r % 2 == 0
+        if first_plain:
+            plain.append(plain_loop(train_dir, args, num_classes))
+        rate, wait = hivetrain_peer(shards, args, args.work)
+        ours.append(rate)
+        waits.append(wait)
+        if not first_plain:
+            plain.append(plain_loop(train_dir, args, num_classes))
+        ratios.append(ours[-1] / plain[-1])
+        print(f"round {r + 1}: plain {plain[-1]:.1f} samples/s, hivetrain {ours[-1]:.1f} ({ratios[-1]:.2f}x)",
+              flush=True)  # fmt: skip
+    med = statistics.median
     print(f"\n{args.model} at {args.size} px, batch {args.batch}, {args.workers} loader workers, {args.device}, "
-          f"{args.steps} steps after {args.warmup} warm-up; torch {torch.__version__}, "
-          f"{torch.get_num_threads()} threads")  # fmt: skip
-    print("| run | samples/s | ratio | data-wait |")
+          f"{args.steps} steps after {args.warmup} warm-up, {args.rounds} rounds (medians); "
+          f"torch {torch.__version__}, {torch.get_num_threads()} threads")  # fmt: skip
+    print("| run | samples/s | ratio (median of rounds) | data-wait |")
     print("|---|---|---|---|")
-    print(f"| plain PyTorch loop (ImageFolder + DataLoader + SGD) | {plain:.1f} | 1.00 | |")
-    print(f"| one hivetrain peer (DHT, leases, cache, webdataset, hivemind.Optimizer) | {ours:.1f} | "
-          f"{ours / plain:.2f} | {100 * wait:.1f}% |")  # fmt: skip
+    print(f"| plain PyTorch loop (ImageFolder + DataLoader + SGD) | {med(plain):.1f} | 1.00 | |")
+    print(f"| one hivetrain peer (DHT, leases, cache, webdataset, hivemind.Optimizer) | {med(ours):.1f} | "
+          f"{med(ratios):.2f} | {100 * med(waits):.1f}% |")  # fmt: skip
 
 
 if __name__ == "__main__":
