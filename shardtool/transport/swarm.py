@@ -14,6 +14,12 @@ behind every write queued before it -> `cache_flushed_alert` -> sha256 in a work
 Sources that send bad data are not left to retry forever: a web seed with repeated errors or failed
 pieces is dropped and reported, and the whole fetch gives up (for the caller to fall back to HTTP) when
 no data has arrived for `TorrentOptions.stall_timeout` seconds.
+
+libtorrent bans a peer that sent a bad piece, and also, after a few failed pieces, every peer that sent
+blocks of them: one bad peer can get the good ones banned too. When bans leave the torrent without a
+peer, it is added again (a fresh peer list; the pieces on disk are checked and kept), at most
+`MAX_RESTARTS` times, so a good peer gets another chance and a bad one is banned again at its next bad
+piece.
 """
 
 from __future__ import annotations
@@ -41,6 +47,7 @@ log = logging.getLogger(__name__)
 
 PRIORITY = 4
 REANNOUNCE = 10.0  # seconds without peers before asking the trackers again
+MAX_RESTARTS = 3  # fresh peer lists after bans left the torrent without a peer
 _CHECKING = (lt.torrent_status.checking_files, lt.torrent_status.checking_resume_data)
 
 
@@ -117,6 +124,9 @@ class _SwarmFetch:
         self.last_data = time.monotonic()
         self.last_done = -1
         self.last_announce = time.monotonic()
+        self.bans = 0  # peers banned since the torrent was (re)added
+        self.restarts = 0
+        self.downloaded = 0  # payload of earlier handles (restarts)
 
     def _params(self) -> lt.add_torrent_params:
         atp = lt.add_torrent_params()
@@ -139,8 +149,8 @@ class _SwarmFetch:
                 # per-block senders, to tell which web seed sent a bad piece
                 mask = session.get_settings()["alert_mask"] | lt.alert_category.block_progress
                 session.apply_settings({"alert_mask": mask})
-            self.handle = session.add_torrent(self._params())
-            connect_peers(self.handle, self.options.peers)
+            self.session = session
+            self._add()
             self.all_seeds = set(self.handle.url_seeds())
             self.peer_sources = bool(
                 self.options.peers or self.options.trackers or self.options.dht or self.options.lsd
@@ -152,10 +162,29 @@ class _SwarmFetch:
                 self._start_hashing(pool)
                 self._collect_hashes()
                 self._tick()
-            self.result.downloaded = self.handle.status().total_payload_download
+            self.result.downloaded = self.downloaded + self.handle.status().total_payload_download
         finally:
             pool.shutdown(cancel_futures=True)
             self._remove(session)
+
+    def _add(self) -> None:
+        self.handle = self.session.add_torrent(self._params())
+        connect_peers(self.handle, self.options.peers)
+
+    def _restart(self) -> None:
+        """Add the torrent again: libtorrent forgets its bans, and checks and keeps the pieces on disk."""
+        self.restarts += 1
+        log.warning(
+            "no peer left after %d ban(s) for bad pieces (libtorrent also bans peers that only shared a "
+            "bad piece): adding the torrent again (%d of %d)",
+            self.bans,
+            self.restarts,
+            MAX_RESTARTS,
+        )
+        self.downloaded += self.handle.status().total_payload_download
+        self._remove(self.session)
+        self.bans, self.last_done, self.last_data = 0, -1, time.monotonic()
+        self._add()
 
     def _remove(self, session: lt.session) -> None:
         """Remove the torrent and wait until libtorrent has closed its files."""
@@ -198,6 +227,12 @@ class _SwarmFetch:
             self.senders.pop(alert.piece_index, None)
         elif isinstance(alert, lt.hash_failed_alert):
             self._blame(alert.piece_index)
+        elif isinstance(alert, lt.peer_ban_alert):
+            self.bans += 1
+            problem = f"peer {alert.ip[0]}:{alert.ip[1]}: banned (it sent blocks of pieces that failed their hash check)"
+            if problem not in self.result.problems:
+                log.warning("%s", problem)
+                self.result.problems.append(problem)
         elif isinstance(alert, lt.torrent_error_alert | lt.file_error_alert):
             message = alert.message()
             log.warning("%s", message)
@@ -246,6 +281,10 @@ class _SwarmFetch:
             if progress[i] == self.by_index[i].size and i not in self.hashing and i not in self.renaming:
                 self.to_flush.add(i)
         self._flush()
+
+    @property
+    def _flushing(self) -> bool:
+        return self.flushing is not None or bool(self.to_flush)
 
     def _flush(self) -> None:
         if self.flushing is None and self.to_flush:
@@ -309,6 +348,9 @@ class _SwarmFetch:
             self.handle.force_reannounce(0, -1, lt.reannounce_flags_t.ignore_min_interval)
         self._check_web_seeds()
         if self.hashing or self.renaming or status.state in _CHECKING:
+            return
+        if self.bans and not status.num_peers and self.restarts < MAX_RESTARTS and not self._flushing:
+            self._restart()
             return
         if not self.peer_sources and not self.handle.url_seeds():
             reason = "no source left (no peers, trackers or DHT, and every web seed was dropped)"
