@@ -211,6 +211,8 @@ class Manifest:
             data = json.loads(text)
         except (ValueError, UnicodeDecodeError) as e:
             raise ManifestError(f"{origin or 'manifest'}: not valid JSON ({e})") from None
+        except RecursionError:  # `[[[[...` a few thousand deep: no manifest is nested like that
+            raise ManifestError(f"{origin or 'manifest'}: not valid JSON (nested too deeply)") from None
         return cls.from_dict(data, origin)
 
 
@@ -266,7 +268,7 @@ def _load_url(url: str, timeout: float) -> Manifest:
 def validate_shard_name(name: Any, where: str = "manifest") -> str:
     """Accept only plain shard file names: no path separators, `..`, NUL, or absolute paths."""
     if not isinstance(name, str) or not _SHARD_NAME.fullmatch(name) or ".." in name:
-        raise ManifestError(f"{where}: unsafe or malformed shard name {name!r}")
+        raise ManifestError(f"{where}: unsafe or malformed shard name {name!r:.80}")
     return name
 
 
@@ -307,7 +309,7 @@ class _Parser:
             )
         classes_raw = data.get("classes")
         if not isinstance(classes_raw, list) or len(classes_raw) > MAX_CLASSES:
-            raise self.fail("classes must be a list")
+            raise self.fail(f"classes must be a list of at most {MAX_CLASSES} classes")
         classes = []
         for i, c in enumerate(classes_raw):
             c = self.obj(c, f"classes[{i}]")
@@ -351,7 +353,7 @@ class _Parser:
     def split(self, name: str, raw: dict[str, Any], seen: set[str]) -> Split:
         shards_raw = raw.get("shards")
         if not isinstance(shards_raw, list) or len(shards_raw) > MAX_SHARDS_PER_SPLIT:
-            raise self.fail(f"splits.{name}.shards must be a list")
+            raise self.fail(f"splits.{name}.shards must be a list of at most {MAX_SHARDS_PER_SPLIT} shards")
         shards = []
         for i, s in enumerate(shards_raw):
             where = f"splits.{name}.shards[{i}]"

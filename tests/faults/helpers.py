@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import os
-import resource
 import subprocess
 import sys
 import tarfile
@@ -62,23 +61,26 @@ def samples_by_source(manifest_dir: Path) -> dict[str, bytes]:
     return out
 
 
-def peak_rss_mb(code: str, *, limit_as: int | None = None, timeout: float = 120) -> tuple[int, float, str]:
-    """Run `code` in a fresh Python (optionally under RLIMIT_AS); (exit code, peak RSS in MB, stderr)."""
+def peak_rss_mb(
+    code: str, *, limit_as: int | None = None, timeout: float = 120
+) -> tuple[int, float, str, str]:
+    """Run `code` in a fresh Python (optionally under RLIMIT_AS); (exit code, peak RSS in MB, stdout, stderr).
+
+    The peak is VmHWM, the high-water mark of this process image: ru_maxrss would include the RSS of the
+    parent it was forked from.
+    """
     wrapper = (
         "import resource, sys\n"
         + (f"resource.setrlimit(resource.RLIMIT_AS, ({limit_as}, {limit_as}))\n" if limit_as else "")
         + "try:\n"
         + "".join(f"    {line}\n" for line in code.splitlines())
         + "finally:\n"
-        + "    print('PEAK', resource.getrusage(resource.RUSAGE_SELF).ru_maxrss, file=sys.stderr)\n"
+        + "    hwm = [x for x in open('/proc/self/status') if x.startswith('VmHWM:')][0].split()[1]\n"
+        + "    print('PEAK', hwm, file=sys.stderr)\n"
     )
     proc = subprocess.run(
         [sys.executable, "-c", wrapper], capture_output=True, text=True, timeout=timeout, cwd=REPO
     )
     peaks = [line for line in proc.stderr.splitlines() if line.startswith("PEAK ")]
     peak = int(peaks[-1].split()[1]) / 1024 if peaks else float("nan")
-    return proc.returncode, peak, proc.stderr
-
-
-def own_peak_rss_mb() -> float:
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    return proc.returncode, peak, proc.stdout, proc.stderr
