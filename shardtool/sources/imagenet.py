@@ -337,11 +337,23 @@ def _loose_files(folder: Path, root: Path) -> list[dict[str, str]]:
 # ---- the original archives ----------------------------------------------------------------------------
 
 
-def _members(f, start: int = 0, end: int | None = None, where: str = "") -> list[tarfile.TarInfo]:
+_SPECIAL = {
+    tarfile.SYMTYPE: "a symbolic link",
+    tarfile.LNKTYPE: "a hard link",
+    tarfile.CHRTYPE: "a device",
+    tarfile.BLKTYPE: "a device",
+    tarfile.FIFOTYPE: "a fifo",
+}
+
+
+def _members(
+    f, start: int = 0, end: int | None = None, where: str = "", special: list[tuple[str, str]] | None = None
+) -> list[tarfile.TarInfo]:
     """Regular-file members of the tar that starts at offset `start` of open file `f`, headers only.
 
     tarfile's offsets are positions in `f`. A member reaching past `end` (the enclosing member's end)
-    means a truncated archive.
+    means a truncated archive. Links, devices and fifos are never read; with `special` given, each is
+    listed there as (file name, what it is), for the caller to report as skipped.
     """
     f.seek(start)
     out = []
@@ -354,9 +366,15 @@ def _members(f, start: int = 0, end: int | None = None, where: str = "") -> list
                     raise LayoutError(f"{where}: truncated (member {m.name} runs past the end)")
                 if m.isfile():
                     out.append(m)
+                elif special is not None and m.type in _SPECIAL:
+                    special.append((os.path.basename(m.name), _SPECIAL[m.type]))
         return out
     except tarfile.TarError as e:
         raise LayoutError(f"{where}: not a readable tar archive ({e})") from None
+
+
+def _not_regular(where: str, special: list[tuple[str, str]]) -> list[dict[str, str]]:
+    return [{"path": f"{where}/{name}", "reason": f"not a regular file ({kind})"} for name, kind in special]
 
 
 def _open_archives(root: Path, options: SourceOptions) -> Source:
@@ -385,7 +403,10 @@ def _open_archives(root: Path, options: SourceOptions) -> Source:
                 wnid = Path(class_tar.name).stem
                 inner_where = f"{TRAIN_TAR}/{class_tar.name}"
                 end = class_tar.offset_data + class_tar.size
-                for m in _members(f, class_tar.offset_data, end, f"{train_tar}/{class_tar.name}"):
+                special: list[tuple[str, str]] = []
+                members = _members(f, class_tar.offset_data, end, f"{train_tar}/{class_tar.name}", special)
+                skipped += _not_regular(inner_where, special)
+                for m in members:
                     name = os.path.basename(m.name)
                     where = f"{inner_where}/{name}"
                     if not name.lower().endswith((".jpeg", ".jpg")):
@@ -399,8 +420,11 @@ def _open_archives(root: Path, options: SourceOptions) -> Source:
         return finish(records, skipped)
 
     def list_val() -> Listing:
+        special: list[tuple[str, str]] = []
         with open(val_tar, "rb") as f:
-            members = sorted(_members(f, where=str(val_tar)), key=lambda m: os.path.basename(m.name))
+            members = sorted(
+                _members(f, where=str(val_tar), special=special), key=lambda m: os.path.basename(m.name)
+            )
         names = [os.path.basename(m.name) for m in members]
         labels = _archive_val_labels(root, val_tar, options, index, members)
         records = [
@@ -414,8 +438,9 @@ def _open_archives(root: Path, options: SourceOptions) -> Source:
             )
             for n, m, (wnid, i) in zip(names, members, labels)
         ]
-        require_images(records, [], val_tar, "val")
-        return finish(records)
+        skipped = _not_regular(VAL_TAR, special)
+        require_images(records, skipped, val_tar, "val")
+        return finish(records, skipped)
 
     listers = {}
     if class_tars:

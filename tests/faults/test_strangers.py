@@ -8,18 +8,26 @@ and the torrent a fetch follows. Real servers, real subprocesses under real memo
 from __future__ import annotations
 
 import copy
+import hashlib
 import http.server
+import io
 import json
 import math
+import os
 import random
+import resource
+import tarfile
 import threading
 from pathlib import Path
 from typing import ClassVar
 
+import libtorrent as lt
 import pytest
 
 from shardtool.errors import ManifestError
-from shardtool.manifest import Manifest, Shard, Split, validate_shard_name
+from shardtool.fsutil import sha256_file
+from shardtool.manifest import Manifest, Shard, Split, load, validate_shard_name
+from tests import datagen
 from tests.faults.helpers import peak_rss_mb
 from tests.faulty_http import FaultyMirror
 from tests.shardset import make_shard_set
@@ -325,3 +333,236 @@ def test_shards_whose_hashes_do_not_match(tmp_path, fault):
     finals = list((tmp_path / "out").glob("*.tar"))
     fault.once(len(finals))
     assert not finals
+
+
+# ---- tars from strangers ------------------------------------------------------------------------
+
+
+def _add(tar: tarfile.TarFile, name: str, data: bytes = b"", type_=tarfile.REGTYPE, link: str = "") -> None:
+    info = tarfile.TarInfo(name)
+    info.type, info.linkname, info.size = type_, link, len(data) if type_ == tarfile.REGTYPE else 0
+    if type_ in (tarfile.CHRTYPE, tarfile.BLKTYPE):
+        info.devmajor, info.devminor = 1, 3
+    tar.addfile(info, io.BytesIO(data) if type_ == tarfile.REGTYPE else None)
+
+
+def _with_huge_member(tar_bytes: bytes, name: str, tail: bytes) -> bytes:
+    """`tar_bytes` with one more member whose header declares 10 GB but whose data is `tail`."""
+    data = tar_bytes.rstrip(b"\0")
+    data += b"\0" * (-len(data) % 512)
+    info = tarfile.TarInfo(name)
+    info.size = 10 << 30
+    data += info.tobuf(tarfile.GNU_FORMAT) + tail
+    return data + b"\0" * (-len(data) % 512 + 1024)
+
+
+def hostile_members(tar: tarfile.TarFile, stem: str, ext: str) -> None:
+    _add(tar, f"../../../../tmp/escape-{stem}.{ext}", datagen.jpeg(50))
+    _add(tar, f"/tmp/absolute-{stem}.{ext}", datagen.jpeg(51))
+    _add(tar, f"{stem}_symlink.{ext}", type_=tarfile.SYMTYPE, link="/etc/passwd")
+    _add(tar, f"{stem}_hardlink.{ext}", type_=tarfile.LNKTYPE, link="/etc/passwd")
+    _add(tar, f"{stem}_device.{ext}", type_=tarfile.CHRTYPE)
+    _add(tar, f"{stem}_fifo.{ext}", type_=tarfile.FIFOTYPE)
+
+
+def hostile_archives(root: Path, *, huge: bool) -> None:
+    """ILSVRC2012_img_train.tar whose class tar holds traversal names, links, a device, a fifo, and
+    (with `huge`) a member declaring 10 GB."""
+    wnid = datagen.WNIDS[0]
+    inner = io.BytesIO()
+    with tarfile.open(fileobj=inner, mode="w") as t:
+        for i in range(6):
+            _add(t, f"{wnid}_{i}.JPEG", datagen.jpeg(i))
+        hostile_members(t, wnid, "JPEG")
+    data = (
+        _with_huge_member(inner.getvalue(), f"{wnid}_huge.JPEG", datagen.jpeg(9))
+        if huge
+        else inner.getvalue()
+    )
+    root.mkdir(parents=True)
+    with tarfile.open(root / "ILSVRC2012_img_train.tar", "w") as t:
+        _add(t, f"{wnid}.tar", data)
+
+
+def outside_files(tmp_path: Path, allowed: list[Path]) -> list[Path]:
+    found = [p for p in tmp_path.rglob("*") if p.is_file() and not any(a in p.parents for a in allowed)]
+    found += [
+        Path(p) for p in ("/tmp/absolute-n01440764.JPEG", "/tmp/escape-n01440764.JPEG") if os.path.lexists(p)
+    ]
+    return found
+
+
+def test_hostile_archives_for_the_imagenet_build(tmp_path, fault):
+    fault.case(
+        "strangers",
+        "ImageNet archives with ../ and absolute member names, links, a device, a fifo, a 10 GB member",
+        lost_means="a traceback, a file written outside --out, or a member that vanished without a reason",
+    )
+    lost = 0
+    limit = _limit_as(2 << 30)
+    # with a member declaring 10 GB: one line naming the archive, under a 2 GiB address-space limit
+    hostile_archives(tmp_path / "huge", huge=True)
+    proc = cli("shardtool", "build", tmp_path / "huge", "--out", tmp_path / "out-huge", preexec_fn=limit)
+    lines = proc.stderr.strip().splitlines()
+    print(proc.stderr[-1500:])
+    ok = proc.returncode == 1 and "Traceback" not in proc.stderr and "MemoryError" not in proc.stderr
+    lost += not (
+        ok and "n01440764.tar: truncated (member n01440764_huge.JPEG runs past the end)" in lines[-1]
+    )
+    # without it: the build goes through; links, the device and the fifo are listed as skipped
+    hostile_archives(tmp_path / "links", huge=False)
+    out = tmp_path / "out-links"
+    proc = cli("shardtool", "build", tmp_path / "links", "--out", out, preexec_fn=limit)
+    print(proc.stderr[-1500:])
+    assert proc.returncode == 0, proc.stderr
+    manifest = load(out)
+    reasons = {s["path"].rsplit("/", 1)[-1]: s["reason"] for s in manifest.skipped}
+    for kind in ("symlink", "hardlink", "device", "fifo"):
+        if "not a regular file" not in reasons.get(f"n01440764_{kind}.JPEG", ""):
+            lost += 1
+            print(f"{kind} member: not listed as skipped ({reasons})")
+    assert manifest.split("train").num_samples == 8  # 6 images + the two with hostile names, as samples
+    escaped = outside_files(tmp_path, [tmp_path / "huge", tmp_path / "links", tmp_path / "out-huge", out])
+    lost += len(escaped)
+    fault.once(lost)
+    assert lost == 0, escaped
+
+
+def _limit_as(limit: int):
+    return lambda: resource.setrlimit(resource.RLIMIT_AS, (limit, limit))
+
+
+def hostile_shard(root: Path) -> Manifest:
+    """A shard as a stranger might make it (with a manifest that hashes it, so it passes every check):
+    good samples, then ../ and absolute member names, links, a device, a fifo, and a member declaring 10 GB."""
+    buf = io.BytesIO()
+    with tarfile.open(fileobj=buf, mode="w", format=tarfile.GNU_FORMAT) as t:
+        for i in range(4):
+            _add(t, f"good_{i}.cls", b"%d" % (i % 2))
+            _add(t, f"good_{i}.jpg", datagen.jpeg(i))
+        _add(t, "../../../../tmp/escape-n01440764.cls", b"0")
+        _add(t, "../../../../tmp/escape-n01440764.jpg", datagen.jpeg(7))
+        _add(t, "/tmp/absolute-n01440764.cls", b"1")
+        _add(t, "/tmp/absolute-n01440764.jpg", datagen.jpeg(8))
+        hostile_members(t, "odd", "jpg")
+    data = _with_huge_member(buf.getvalue(), "huge.jpg", datagen.jpeg(9))
+    root.mkdir(parents=True)
+    (root / "train-000000.tar").write_bytes(data)
+    shard = Shard("train-000000.tar", len(data), sha256_file(root / "train-000000.tar"), 7)
+    manifest = make_shard_set(root / "unused", {"train": (1, 1)}, num_classes=2)
+    manifest.splits = {"train": Split([shard])}
+    manifest.save(root / "manifest.json")
+    return load(root)
+
+
+_STREAM = """
+import json, os
+from shardtool.manifest import load
+from hivetrain.data import LoaderOptions, ShardDone, train_stream
+manifest = load({root!r})
+stream = train_stream(manifest, [os.path.join({root!r}, "train-000000.tar")],
+                      options=LoaderOptions(batch_size=4, workers={workers}), image_size=32)
+keys, done = [], []
+for item in stream:
+    if isinstance(item, ShardDone):
+        done.append(dict(samples=item.samples, corrupt=item.corrupt, missing=item.missing, error=item.error))
+    else:
+        keys += item.keys
+print(json.dumps(dict(keys=sorted(keys), done=done)))
+"""
+
+
+@pytest.mark.parametrize("workers", [0, 1])
+def test_hostile_shard_in_verify_and_the_training_stream(tmp_path, fault, workers):
+    fault.case(
+        "strangers",
+        f"a hash-matching hostile shard ({workers} loader workers): ../ names, links, device, 10 GB member",
+        lost_means="a crash, unbounded memory, a file written anywhere, or samples lost without being counted",
+    )
+    root = tmp_path / "shards"
+    hostile_shard(root)
+    proc = cli("shardtool", "verify", root / "manifest.json")
+    assert proc.returncode == 1 and "Traceback" not in proc.stderr
+    assert "train-000000.tar: not a readable tar (unexpected end of data)" in proc.stdout, proc.stdout
+    rc, peak, out, err = peak_rss_mb(_STREAM.format(root=str(root), workers=workers), timeout=180)
+    print(f"stream: exit {rc}, peak RSS {peak:.0f} MB")
+    assert rc == 0, err[-3000:]
+    result = json.loads(_last_json(out))
+    (done,) = result["done"]
+    print(result)
+    lost = 0
+    good = [f"good_{i}" for i in range(4)]
+    lost += not set(good) <= set(result["keys"])
+    lost += done["error"] != "ReadError: unexpected end of data"
+    lost += done["samples"] + done["corrupt"] + done["missing"] < 7  # every sample the manifest names
+    lost += peak > 1500
+    lost += len(outside_files(tmp_path, [root]))
+    fault.once(lost)
+    assert lost == 0
+
+
+def _last_json(text: str) -> str:
+    return next(line for line in reversed(text.splitlines()) if line.startswith("{"))
+
+
+# ---- a torrent from a stranger ------------------------------------------------------------------
+
+
+def test_hostile_torrent_paths_stay_inside_the_target(tmp_path, fault):
+    """A .torrent (matching the stranger's manifest) whose files are named ../../x, /abs/x and <name>/../x:
+    fetch --via torrent from a web seed writes only inside --out."""
+    fault.case(
+        "strangers",
+        "a torrent whose file paths hold ../, absolute parts and a hostile torrent name",
+        lost_means="a file written outside --out, or a shard under its final name that fails sha256",
+    )
+    root = tmp_path / "shards"
+    manifest = make_shard_set(root, {"train": (3, 8)}, payload=40_000)
+    shards = manifest.split("train").shards
+    paths = [
+        ["..", "..", "..", "escape", shards[0].name],
+        ["", "etc", shards[1].name],
+        ["..", shards[2].name],
+    ]
+    piece = 256 << 10
+    blob = b"".join((root / s.name).read_bytes() for s in shards)
+    pieces = b"".join(hashlib.sha1(blob[i : i + piece]).digest() for i in range(0, len(blob), piece))
+    with FaultyMirror(root) as mirror:
+        info = {
+            b"name": b"../../../escape-torrent",
+            b"piece length": piece,
+            b"pieces": pieces,
+            b"files": [
+                {b"length": s.size, b"path": [p.encode() for p in path]} for s, path in zip(shards, paths)
+            ],
+        }
+        data = lt.bencode({b"info": info, b"url-list": [mirror.url.encode()]})
+        ti = lt.torrent_info(lt.bdecode(data))
+        (root / "hostile.torrent").write_bytes(data)
+        d = manifest.to_dict()
+        d["sources"]["torrents"] = {
+            "train": {
+                "infohash": str(ti.info_hashes().v1),
+                "magnet": "magnet:?",
+                "file": "hostile.torrent",
+                "name": "../../../escape-torrent",
+            }
+        }
+        (root / "manifest.json").write_text(json.dumps(d))
+        out = tmp_path / "deep" / "out"
+        proc = cli(
+            "shardtool", "fetch", root / "manifest.json", "--out", out, "--via", "torrent", "--json",
+            "--stall-timeout", "20", timeout=120,
+        )  # fmt: skip
+    print(proc.stdout[-1500:], proc.stderr[-1500:])
+    escaped = outside_files(tmp_path, [root, out])
+    escaped += [
+        p
+        for p in (tmp_path.parent / "escape", tmp_path / "escape", Path("/etc") / shards[1].name)
+        if p.exists()
+    ]
+    bad = [s.name for s in shards if (out / s.name).exists() and sha256_file(out / s.name) != s.sha256]
+    lost = len(escaped) + len(bad)
+    fault.once(lost)
+    assert lost == 0, (escaped, bad)
+    assert proc.returncode == 0 and sorted(p.name for p in out.glob("*.tar")) == [s.name for s in shards]
