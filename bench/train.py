@@ -127,7 +127,9 @@ def main() -> None:
     logging.basicConfig(level=logging.WARNING)
     args.work.mkdir(parents=True, exist_ok=True)
     per_class = max(50, (args.warmup + args.steps + 5) * args.batch // args.classes + 1)
-    train_dir, shards = dataset(args.work / f"{args.size}px", args.classes, per_class, args.size)
+    train_dir, shards = dataset(
+        args.work / f"{args.size}px-{args.classes}x{per_class}", args.classes, per_class, args.size
+    )
     num_classes = manifest_io.load(shards).num_classes
 
     plain, ours, waits, ratios = [], [], [], []
