@@ -1,7 +1,8 @@
 """HTTP server for a shard folder: the manifest, its shards and torrents, and the web-seed layout.
 
 Only names the manifest lists are served, looked up in a table built from the manifest (never by joining
-a request path onto the folder), so no encoding of `..` can reach a file outside the folder. Each shard is
+a request path onto the folder), so no encoding of `..` can reach a file outside the folder; nor can a
+symbolic link: a listed name that resolves outside the folder is refused (404) with a warning. Each shard is
 served at `/<shard>` and at `/<torrent name>/<shard>`, the path a BitTorrent client asks a BEP 19 web
 seed for when the torrent has several files. aiohttp's FileResponse does Range, HEAD, conditional
 requests and sendfile; the table is rebuilt when manifest.json changes (e.g. after `shardtool torrent`).
@@ -97,6 +98,7 @@ class ShardServer:
         self.host = host
         self.port = port
         self._routes = _Routes(self.directory)  # fails early, with the manifest's own message
+        self._root = os.path.realpath(self.directory)
         self._loop: asyncio.AbstractEventLoop | None = None
         self._runner: web.AppRunner | None = None
         self._thread: threading.Thread | None = None
@@ -117,9 +119,17 @@ class ShardServer:
 
     async def _handle(self, request: web.Request) -> web.StreamResponse:
         path = self._routes.lookup(request.path)
-        if path is None:
+        if path is None or not self._inside(path):
             raise web.HTTPNotFound()
         return _PlainFileResponse(path, chunk_size=1 << 18)
+
+    def _inside(self, path: Path) -> bool:
+        """Whether `path`, links followed, is a file of the served folder itself."""
+        real = os.path.realpath(path)
+        if os.path.dirname(real) == self._root:
+            return True
+        log.warning("not serving %s: it leads outside %s (to %s)", path, self.directory, real)
+        return False
 
     def _bind(self) -> socket.socket:
         family = socket.AF_INET6 if ":" in self.host else socket.AF_INET
