@@ -138,16 +138,22 @@ def served(tmp_path):
 @pytest.mark.slow
 def test_two_peers_share_epochs_and_learn(served, tmp_path, children):
     a, b = tmp_path / "a", tmp_path / "b"
-    pa = start_peer(children, served, a, "--epochs", "3", "--checkpoint-dir", a / "ck")
-    pb = start_peer(children, served, b, "--epochs", "3", "--initial-peer", maddr(a))
+    pa = start_peer(children, served, a, "--epochs", "4", "--checkpoint-dir", a / "ck")
+    pb = start_peer(children, served, b, "--epochs", "4", "--initial-peer", maddr(a))
     out_a, out_b = finish(pa, a), finish(pb, b)
     steps = [jsonl(d / "metrics.jsonl")[-1]["global_step"] for d in (a, b)]
-    assert steps == [math.ceil(3 * 256 / 64)] * 2, (out_a[-2000:], out_b[-2000:])  # both end at the last step
+    assert steps == [math.ceil(4 * 256 / 64)] * 2, (out_a[-2000:], out_b[-2000:])  # both end at the last step
     reads = jsonl(a / "shards.jsonl") + jsonl(b / "shards.jsonl")
-    first = sorted(r["shard"] for r in reads if r["epoch"] == 0)
-    assert first == [f"train-{i:06d}.tar" for i in range(16)], "epoch 0: each shard read exactly once"
-    assert {r["peer"] for r in reads if r["epoch"] == 0} == {r["peer"] for r in reads}  # both peers read
-    assert len({r["peer"] for r in reads}) == 2
+    everything = [f"train-{i:06d}.tar" for i in range(16)]
+    epochs = sorted({r["epoch"] for r in reads})
+    shared = 0
+    for epoch in epochs[:-2]:  # the last two may be cut short by the last global step (two are open at once)
+        in_epoch = [r for r in reads if r["epoch"] == epoch]
+        assert sorted(r["shard"] for r in in_epoch) == everything, (
+            f"epoch {epoch}: each shard read exactly once"
+        )
+        shared += len({r["peer"] for r in in_epoch}) == 2
+    assert shared >= 1, "in at least one whole epoch both peers read shards"
     for out in (out_a, out_b):
         top1 = float(out.rsplit("val top-1 ", 1)[1].split("%")[0])
         assert top1 > 60.0, out[-2000:]  # 4 classes: chance is 25%
