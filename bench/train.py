@@ -58,10 +58,12 @@ def plain_loop(train_dir: Path, args, num_classes: int) -> float:
     loader = torch.utils.data.DataLoader(
         torchvision.datasets.ImageFolder(str(train_dir), transform=image.transform(train=True)),
         batch_size=args.batch, shuffle=True, num_workers=args.workers, drop_last=True,
-        persistent_workers=args.workers > 0,
+        persistent_workers=args.workers > 0, pin_memory=args.device == "cuda",
     )  # fmt: skip
     r = recipes.TrainingRecipe(args.model, args.size, batch=args.batch)
     model = recipes.build_model(r, num_classes).to(args.device)
+    if args.channels_last:
+        model = model.to(memory_format=torch.channels_last)
     opt = torch.optim.SGD(recipes.param_groups(model, r.weight_decay), lr=0.1, momentum=0.9, nesterov=True)
     criterion = nn.CrossEntropyLoss(label_smoothing=0.1)
     steps, start = 0, None
@@ -69,8 +71,14 @@ def plain_loop(train_dir: Path, args, num_classes: int) -> float:
         for images, labels in loader:
             if steps == args.warmup:
                 start = time.perf_counter()
-            images, labels = images.to(args.device), labels.to(args.device)
-            loss = criterion(model(images), labels)
+            images, labels = (
+                images.to(args.device, non_blocking=True),
+                labels.to(args.device, non_blocking=True),
+            )
+            if args.channels_last:
+                images = images.contiguous(memory_format=torch.channels_last)
+            with torch.autocast(args.device, dtype=torch.bfloat16, enabled=args.amp):
+                loss = criterion(model(images), labels)
             loss.backward()
             opt.step()
             opt.zero_grad()
@@ -85,7 +93,7 @@ def hivetrain_peer(shards: Path, args, work: Path) -> tuple[float, float]:
     options = TrainOptions(
         shards=str(shards / "manifest.json"), model=args.model, batch=args.batch, image_size=args.size,
         target_global_bsz=4 * args.batch, epochs=1000, val_interval=10**9, workers=args.workers,
-        device=args.device, log_dir=str(log_dir), max_steps=10**9,
+        device=args.device, log_dir=str(log_dir), max_steps=10**9, amp=args.amp, channels_last=args.channels_last,
     )  # fmt: skip
     network = NetworkOptions(run_id=f"bench-{time.time_ns()}")
     with Peer(options, network) as peer:
@@ -119,7 +127,9 @@ def main() -> None:
     parser.add_argument("--size", type=int, default=64)
     parser.add_argument("--model", default="resnet18", choices=recipes.MODELS)
     parser.add_argument("--workers", type=int, default=2)
-    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
+    parser.add_argument("--amp", action="store_true", help="bfloat16 autocast (CUDA)")
+    parser.add_argument("--channels-last", action="store_true")
     parser.add_argument("--classes", type=int, default=10)
     parser.add_argument("--rounds", type=int, default=3, help="alternating repeats; medians are reported")
     parser.add_argument("--work", type=Path, default=Path(tempfile.gettempdir()) / "bench-train")
