@@ -23,6 +23,7 @@ tested without a DHT; `ShardAssigner` adds the DHT reads and writes, the renewal
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import os
@@ -72,12 +73,18 @@ class LeaseTiming:
         poll_s: re-read interval while every shard is in flight elsewhere.
         done_ttl_s: how long a peer's record outlives its last write (must outlast the longest epoch).
         request_timeout_s: a DHT call slower than this counts as the DHT being unreachable.
+        max_hold_s: a claim that another peer has held for this long, as timed here, without finishing its
+            shard counts as abandoned, and others may read the shard too. A renewed lease alone proves
+            nothing: a peer whose loader hangs while its renewal thread lives, or a hostile one that
+            claims every shard and reads none, would otherwise stall the epoch for good. A slow reader
+            costs a duplicate read, never a lost shard.
     """
 
     settle_s: float = 0.5
     poll_s: float = 1.0
     done_ttl_s: float = 6 * 3600.0
     request_timeout_s: float = 10.0
+    max_hold_s: float = 1800.0
 
 
 @dataclass(frozen=True)
@@ -154,6 +161,8 @@ class ShardAssigner:
         self._epoch, self._alone, self._reachable = -1, None, True
         self._bad: set[tuple[bytes, float]] = set()
         self._skewed: set[bytes] = set()
+        self._claim_seen: dict[tuple[bytes, int, int], float] = {}  # others' claims: first seen (monotonic)
+        self._abandoned: set[tuple[bytes, int, int]] = set()
         self._orders: dict[int, list[int]] = {}
         self.lost_races = 0
         if dht is not None:
@@ -349,13 +358,11 @@ class ShardAssigner:
         with self._lock:
             held = tuple((h.claim.epoch, h.index, h.claimed_at) for h in self._held.values())
             done = {e: frozenset(s) for e, s in self._done.items()}
+            others = [self._unabandoned(x) for x in leases if x.owner != self._owner]
         board = Board(
             len(self._shards),
             get_dht_time(),
-            (
-                *(x for x in leases if x.owner != self._owner),
-                Lease(self._owner, self._peer, float("inf"), held),
-            ),
+            (*others, Lease(self._owner, self._peer, float("inf"), held)),
             (
                 *(x for x in dones if x.owner != self._owner),
                 Done(self._owner, self._peer, self._epoch - 1, done),
@@ -363,6 +370,23 @@ class ShardAssigner:
         )
         self._observe(board, leases)
         return board
+
+    def _unabandoned(self, lease: Lease) -> Lease:
+        """`lease` without the claims its owner has held longer than `max_hold_s` as timed here (the
+        first sighting counts, not the claim time the owner wrote). Called with `_lock` held."""
+        now, keep = time.monotonic(), []
+        for e, i, t in lease.claims:
+            key = (lease.owner, e, i)
+            if now - self._claim_seen.setdefault(key, now) < self._timing.max_hold_s:
+                keep.append((e, i, t))
+            elif key not in self._abandoned:
+                self._abandoned.add(key)
+                logger.warning(
+                    "run %s: peer %s has held shard %s of epoch %d for over %.0f s without finishing it: "
+                    "treating its claim as abandoned (the shard may be read twice)",
+                    self._run_id, lease.peer, self._shards[i], e, self._timing.max_hold_s,
+                )  # fmt: skip
+        return lease if len(keep) == len(lease.claims) else dataclasses.replace(lease, claims=tuple(keep))
 
     def _observe(self, board: Board, leases: list[Lease]) -> None:
         """Log what changed: the epoch, being alone, clocks that disagree."""
@@ -376,6 +400,9 @@ class ShardAssigner:
                 self._epoch = epoch
                 for old in [e for e in self._done if e < epoch - 1]:
                     del self._done[old]  # kept small: epochs before the previous one are settled
+                for key in [k for k in self._claim_seen if k[1] < epoch - 1]:
+                    del self._claim_seen[key]
+                self._abandoned = {k for k in self._abandoned if k[1] >= epoch - 1}
         others = len(board.live_peers()) - 1
         alone = self._dht is None or not self._reachable or others == 0
         if alone != self._alone:

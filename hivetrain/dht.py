@@ -6,7 +6,9 @@ installs the run's record validators before the node bootstraps:
 * `RSASignatureValidator`: a record whose subkey holds `[owner:<public key>]` can only be written by the
   holder of that key, so one peer cannot erase or overwrite another's records;
 * `SchemaValidator` over `RunRecords` (prefix = run id): the DHT itself drops records of the wrong shape,
-  whoever sends them.
+  whoever sends them;
+* `SizeValidator`: records larger than their schema's `max_record_bytes` are dropped before anything
+  parses them (one oversized record would otherwise slow every peer's every read of the key).
 
 hivemind's own errors for the usual set-up mistakes (an address without `/p2p/`, no peer listening there,
 clocks more than 3 s apart) are turned into `PeerError` with the cause and the fix.
@@ -16,14 +18,16 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from functools import partial
 from pathlib import Path
+from typing import ClassVar
 
 import hivemind
 from hivemind.dht.crypto import RSASignatureValidator
+from hivemind.dht.routing import DHTID
 from hivemind.dht.schema import BytesWithPublicKey, SchemaValidator
-from hivemind.dht.validation import RecordValidatorBase
+from hivemind.dht.validation import DHTRecord, RecordValidatorBase
 from hivemind.utils import MAX_DHT_TIME_DISCREPANCY_SECONDS
 from hivemind.utils.crypto import RSAPrivateKey
 from hivemind.utils.multiaddr import Multiaddr
@@ -73,21 +77,59 @@ class PeerRecord(BaseModel):
 
 
 class RunRecords(BaseModel):
-    """Key `<run_id>_shards`: one `PeerRecord` per peer, under the peer's `[owner:...]` subkey."""
+    """Key `<run_id>_shards`: one `PeerRecord` per peer, under the peer's `[owner:...]` subkey.
 
+    A record with every claim the schema allows and 40,000 finished shards fits in `max_record_bytes`.
+    """
+
+    max_record_bytes: ClassVar[int] = 256 << 10
     shards: dict[BytesWithPublicKey, PeerRecord]
+
+
+class SizeValidator(RecordValidatorBase):
+    """Refuses values larger than a limit under the given keys, as received (signature included).
+
+    Runs before the other validators: hivemind's schema check parses the whole value with pydantic at
+    every node, on every store and every read, so a hostile peer's one-megabyte record made each read of
+    the run's shard records thirty times slower.
+    """
+
+    def __init__(self, limits: Mapping[str, int]):
+        self._limits = {DHTID.generate(source=key).to_bytes(): limit for key, limit in limits.items()}
+
+    def validate(self, record: DHTRecord) -> bool:
+        limit = self._limits.get(record.key)
+        return limit is None or len(record.value) <= limit
+
+    @property
+    def priority(self) -> int:
+        return 20  # before the signature check (10), which strips the signature
+
+    def merge_with(self, other: RecordValidatorBase) -> bool:
+        if not isinstance(other, SizeValidator):
+            return False
+        self._limits.update(other._limits)
+        return True
 
 
 def run_validators(
     run_id: str, *, schemas: Iterable[type[BaseModel]] = (), private_key: RSAPrivateKey | None = None
 ) -> list[RecordValidatorBase]:
-    """Signature and schema validators for `run_id`; `schemas` add other components' record types.
+    """Signature, size and schema validators for `run_id`; `schemas` add other components' record types
+    (a schema's `max_record_bytes` class variable, if it has one, caps the size of its records).
 
     The default key is hivemind's process-wide one, which `hivemind.Optimizer`'s progress tracker also
     signs with: give every peer of one process the same key, or each DHT its own `private_key` (tests).
     """
-    validators: list[RecordValidatorBase] = [RSASignatureValidator(private_key)]
-    validators += [SchemaValidator(schema, prefix=run_id) for schema in (RunRecords, *schemas)]
+    schemas = (RunRecords, *schemas)
+    limits = {
+        f"{run_id}_{field}": schema.max_record_bytes
+        for schema in schemas
+        if hasattr(schema, "max_record_bytes")
+        for field in schema.__fields__
+    }
+    validators: list[RecordValidatorBase] = [RSASignatureValidator(private_key), SizeValidator(limits)]
+    validators += [SchemaValidator(schema, prefix=run_id) for schema in schemas]
     return validators
 
 
@@ -223,12 +265,15 @@ async def _signing_key(_dht: hivemind.DHT, node) -> bytes | None:
     return None
 
 
-def ensure_run_validators(dht: hivemind.DHT, run_id: str) -> bytes:
-    """Install the run's validators on a running DHT unless `make_dht(run_id=...)` did; returns its key."""
-    return dht.run_coroutine(partial(_ensure_run_validators, run_id=run_id))
+def ensure_run_validators(
+    dht: hivemind.DHT, run_id: str, *, schemas: Iterable[type[BaseModel]] = ()
+) -> bytes:
+    """Install the run's validators (with `schemas`, as in `run_validators`) on a running DHT unless
+    `make_dht(run_id=...)` did; returns its key."""
+    return dht.run_coroutine(partial(_ensure_run_validators, run_id=run_id, schemas=tuple(schemas)))
 
 
-async def _ensure_run_validators(_dht: hivemind.DHT, node, run_id: str) -> bytes:
+async def _ensure_run_validators(_dht: hivemind.DHT, node, run_id: str, schemas=()) -> bytes:
     composite = node.protocol.record_validator
     key_id = SchemaValidator(RunRecords, prefix=run_id)._key_id_to_field_name
     known = any(
@@ -236,7 +281,9 @@ async def _ensure_run_validators(_dht: hivemind.DHT, node, run_id: str) -> bytes
         for v in composite._validators
     )
     if not known:
-        composite.extend(run_validators(run_id))  # an existing RSASignatureValidator keeps its key
+        composite.extend(
+            run_validators(run_id, schemas=schemas)
+        )  # an existing RSASignatureValidator keeps its key
     return await _signing_key(_dht, node)
 
 

@@ -17,7 +17,7 @@ import threading
 import time
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 import hivemind
 from hivemind.dht.schema import BytesWithPublicKey
@@ -128,9 +128,10 @@ class MetricsRecords(BaseModel):
     """Key `<run_id>_metrics`: one `MetricsRecord` per peer under its `[owner:...]` subkey.
 
     Pass it to `hivetrain.dht.make_dht(schemas=[MetricsRecords])` so that the DHT refuses records of
-    another shape, whoever sends them.
+    another shape or larger than `MAX_RECORD_BYTES`, whoever sends them.
     """
 
+    max_record_bytes: ClassVar[int] = MAX_RECORD_BYTES
     metrics: dict[BytesWithPublicKey, MetricsRecord]
 
 
