@@ -9,6 +9,7 @@ renamed into place, so a crash mid-save leaves the previous checkpoint intact.
 
 from __future__ import annotations
 
+import contextlib
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -41,6 +42,18 @@ def save(path: str | os.PathLike, *, identity: Identity, state: dict[str, Any]) 
     payload = {"format": FORMAT, "version": VERSION, "identity": identity.__dict__, **state}
     with atomic_output(path) as f:
         torch.save(payload, f)
+
+
+def remove_stale_temps(folder: str | os.PathLike) -> list[str]:
+    """Delete the temp files of saves that a kill -9 or a power cut interrupted (each is a whole
+    model's worth of disk); returns their names. Call it before this process saves to `folder`."""
+    removed = []
+    for name in (LATEST, BEST):
+        for tmp in Path(folder).glob(f".{name}.*.tmp"):
+            with contextlib.suppress(FileNotFoundError):
+                tmp.unlink()
+                removed.append(tmp.name)
+    return removed
 
 
 def load(path: str | os.PathLike, *, expect: Identity | None = None) -> dict[str, Any]:

@@ -222,6 +222,7 @@ def run(
     click.echo(
         f"stopped at global step {summary.global_step}: {summary.local_steps} local steps, "
         f"{summary.samples} samples, {summary.shards_read} shards read{accuracy}"
+        + (f"; {summary.skipped_steps} batches skipped (non-finite loss)" if summary.skipped_steps else "")
     )
 
 

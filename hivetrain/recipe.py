@@ -119,14 +119,15 @@ def param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
     return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
 
 
-def batchnorm_buffers(model: nn.Module) -> list[torch.Tensor]:
+def batchnorm_buffers(model: nn.Module, *, counters: bool = False) -> list[torch.Tensor]:
     """BatchNorm running statistics: averaged across peers with the parameters (hivemind's
-    `extra_tensors`), because hivemind averages only what the optimizer updates."""
+    `extra_tensors`), because hivemind averages only what the optimizer updates; with `counters`, also
+    each layer's `num_batches_tracked` (everything a forward pass in training mode changes)."""
     return [
         buf
         for module in model.modules()
         if isinstance(module, nn.modules.batchnorm._NormBase) and module.track_running_stats
-        for buf in (module.running_mean, module.running_var)
+        for buf in (module.running_mean, module.running_var, *([module.num_batches_tracked] * counters))
     ]
 
 

@@ -150,6 +150,8 @@ class Peer:
             self.manifest.num_classes, self.recipe.image_size,
         )  # fmt: skip
         resume = checkpoint.load(o.resume_from, expect=self.identity) if o.resume_from else None
+        if o.checkpoint_dir and (stale := checkpoint.remove_stale_temps(o.checkpoint_dir)):
+            log.info("removed %d unfinished checkpoint file(s) from %s", len(stale), o.checkpoint_dir)
 
         self._join()
         self.model = recipes.build_model(self.recipe, self.manifest.num_classes)
@@ -162,6 +164,7 @@ class Peer:
             self.model.to(memory_format=torch.channels_last)
         self.criterion = nn.CrossEntropyLoss(label_smoothing=self.recipe.label_smoothing)
         self.opt = self._optimizer()
+        self._batchnorm = recipes.batchnorm_buffers(self.model, counters=True)  # on the device, as trained
         self.best_acc1 = 0.0
         if resume is not None:
             self.opt.load_state_dict(resume["optimizer"])
@@ -286,6 +289,7 @@ class Peer:
                 samples_per_s=rate.per_second, data_wait=waited, data_wait_frac=wait_total / (wait_total + busy_total),
                 shards_read=self.feed.shards_read, peers=self.opt.tracker.global_progress.num_peers,
                 fetch_mb_s=self.cache.stats.fetch_mb_s, corrupt=stream.stats.corrupt, missing=stream.stats.missing,
+                skipped_steps=self.summary.skipped_steps,
             )  # fmt: skip
             if self.opt.local_epoch - last_val >= self.val_interval:
                 last_val = self.opt.local_epoch
@@ -308,10 +312,17 @@ class Peer:
         labels = labels.to(self.device, non_blocking=True)
         if self.options.channels_last:
             images = images.contiguous(memory_format=torch.channels_last)
+        # The forward pass updates BatchNorm's running statistics, which peers average: keep a copy to
+        # restore if this batch turns out to be poisoned (a few kilobytes per layer).
+        batchnorm = [b.clone() for b in self._batchnorm]
         with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.amp):
             loss = self.criterion(self.model(images), labels)
         if not torch.isfinite(loss):
-            # A poisoned batch must not reach the other peers through the averaged gradients.
+            # A poisoned batch must reach neither this model nor, through averaging, the other peers:
+            # no gradient is computed, and the running statistics it touched are put back.
+            with torch.no_grad():
+                for live, kept in zip(self._batchnorm, batchnorm, strict=True):
+                    live.copy_(kept)
             self.summary.skipped_steps += 1
             log.warning("non-finite loss (%s): skipping this batch", loss.item())
             self.opt.zero_grad()
