@@ -7,7 +7,7 @@ BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 PYTEST_ARGS ?= --durations=15
 
-.PHONY: venv demo test lint bench pillow-simd clean
+.PHONY: venv demo test faults lint bench pillow-simd clean
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -23,6 +23,14 @@ demo: $(STAMP)
 ## test: the suite CI runs (everything but the full fault suite)
 test: $(STAMP)
 	$(BIN)/pytest $(PYTEST_ARGS)
+
+## faults: the full fault-injection suite (20 runs of each repeated case; tens of minutes), then its
+## outcome table written into RELIABILITY.md. `make test` runs the same cases 3 times each.
+FAULT_RUNS ?= 20
+faults: $(STAMP)
+	mkdir -p bench/out
+	$(BIN)/pytest tests/faults --fault-runs $(FAULT_RUNS) --fault-report bench/out/faults.json $(PYTEST_ARGS); \
+	  status=$$?; $(BIN)/python -m tests.faults.report bench/out/faults.json RELIABILITY.md; exit $$status
 
 lint: $(STAMP)
 	$(BIN)/ruff check . && $(BIN)/ruff format --check .

@@ -3,8 +3,8 @@
     --fault-runs N      repetitions of the repeated cases (kill at random points, peers killed in a loop);
                         small by default so that the plain `pytest` run stays quick, 20 in `make faults`
     --fault-seed S      seed of every random fault point (default: from the clock, printed), to replay a run
-    --fault-report P    write each case's outcome (runs, failures, data lost) as JSON to P, for
-                        tests/faults/report.py and RELIABILITY.md
+    --fault-report P    write each case's outcome (runs, failures, data lost) as JSON to P, which
+                        `python -m tests.faults.report P` turns into RELIABILITY.md's table
 
 Every test here is marked `faults`. A test gets a `fault` fixture: it names its case, counts runs and the
 data it lost (0 is the only passing value), and runs repeated bodies with `fault.repeat`, which gives each
@@ -60,6 +60,7 @@ class Outcome:
     lost_means: str
     test: str
     seed: int
+    nodeid: str = ""
     runs: int = 0
     failures: int = 0
     lost: int = 0
@@ -156,6 +157,7 @@ def _fault_outcomes(request, fault_seed, fault_runs):
 def fault(request, fault_seed, fault_runs, _fault_outcomes):
     """The current test's `Fault` (see the class); its outcome goes to --fault-report."""
     handle = Fault(request.node.name, fault_seed, fault_runs)
+    handle.outcome.nodeid = request.node.nodeid
     print(f"[{request.node.name}] replay with --fault-seed {fault_seed}", flush=True)
     started = time.monotonic()
     yield handle
