@@ -56,7 +56,7 @@ def test_sigkill_during_checkpoint_save_leaves_the_previous_checkpoint(tmp_path,
     fault.case(
         "trainer",
         "SIGKILL at a random point of back-to-back checkpoint saves (ResNet-18 + momentum, ~90 MB each)",
-        lost_means="kills after which `latest` did not load whole (the last or the one before)",
+        lost_means="kills after which `latest.pt` did not load, or held anything but the newest finished save, whole",
     )
     folder = tmp_path / "ck"
     mid_write, removed = 0, {}
