@@ -385,6 +385,10 @@ def _build_split(split, records, out, options, unlabeled, journal, report, progr
     return shards, skipped
 
 
+MAX_CLOSING = 2
+"""Shard closes (flush, fsync, rename) pending at once: one overlaps the packing of the next shard."""
+
+
 class _Packer:
     """Packs samples, in order, into shards of at most `shard_size` bytes (or `max_per_shard` samples).
 
@@ -402,6 +406,7 @@ class _Packer:
         self.skipped: list[dict[str, str]] = []
         self._closer = ThreadPoolExecutor(1, thread_name_prefix="shard-close")
         self._closing: list[tuple[Future, list[dict[str, str]]]] = []
+        self._settled = 0  # closes before this index have finished and been checked
 
     def add(self, index: int, key: str, fields: dict[str, bytes]) -> None:
         size = _tar_size(fields)
@@ -417,9 +422,15 @@ class _Packer:
         self.bytes += size
 
     def _close(self, end: int) -> None:
-        for future, _ in self._closing:
-            if future.done():
-                future.result()  # raise a failed close here, not at the end
+        # Closes finish in order. Take the results of those done (a failed close raises here, not at the
+        # end), and wait while MAX_CLOSING are pending: packing small shards outruns their fsyncs, and
+        # an unbounded queue made Ctrl-C wait for every queued sync (tens of seconds on a busy disk).
+        while self._settled < len(self._closing):
+            future = self._closing[self._settled][0]
+            if not future.done() and len(self._closing) - self._settled < MAX_CLOSING:
+                break
+            future.result()
+            self._settled += 1
         job = self._closer.submit(self.journal.finish, self.split, self.writer, self.start, end, self.skipped)
         self._closing.append((job, self.skipped))
         self.writer, self.start, self.bytes, self.skipped = None, end, 0, []

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import io
 import json
+import time
 
 import numpy as np
 import pytest
@@ -169,3 +170,28 @@ def test_parse_size():
     assert parse_size("4096") == 4096
     with pytest.raises(BuildError, match="cannot read size"):
         parse_size("big")
+
+
+def test_an_interrupted_build_waits_for_few_shard_closes(tmp_path, monkeypatch):
+    """Packing small shards outruns their fsyncs: the closes queued when Ctrl-C comes must stay few, or
+    the interrupted build sits waiting for every queued sync (seen: over 30 s on a busy disk)."""
+    from shardtool import build as build_module
+
+    journal = build_module._Journal.open(tmp_path, "fingerprint", {}, overwrite=False)
+    finish = journal.finish
+
+    def slow_finish(*args):
+        time.sleep(0.05)  # a slow fsync
+        return finish(*args)
+
+    monkeypatch.setattr(journal, "finish", slow_finish)
+    packer = build_module._Packer("train", tmp_path, BuildOptions(max_per_shard=1), journal, 0, 0)
+    for i in range(40):
+        packer.add(i, f"k{i:03d}", {"cls": b"%d" % i})
+    started = time.monotonic()
+    packer.abort()  # what an interruption does
+    took = time.monotonic() - started
+    assert took < 0.05 * build_module.MAX_CLOSING + 0.2, f"abort waited {took:.2f} s"
+    closed = sorted(p.name for p in tmp_path.glob("train-*.tar"))
+    assert closed == [f"train-{n:06d}.tar" for n in range(len(closed))] and len(closed) >= 37
+    assert [e["shard"]["name"] for e in build_module._Journal._read(journal.path)[1]] == closed

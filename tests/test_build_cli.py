@@ -75,8 +75,7 @@ def _interrupt(children, tmp_path, args, out, sig):
         os.kill(proc.pid, sig)  # only the main process: its workers must notice and go
     else:
         os.killpg(proc.pid, sig)  # Ctrl-C reaches the whole foreground process group
-    proc.wait(timeout=30)
-    _, stderr = proc.communicate()
+    _, stderr = proc.communicate(timeout=30)  # reads while waiting: a full pipe must not block the build
     wait_until(lambda: not _group_alive(proc.pid), timeout=20, what="the build's worker processes to exit")
     return proc.returncode, stderr.decode()
 
