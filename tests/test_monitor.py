@@ -150,9 +150,15 @@ def test_monitor_shows_what_the_peers_publish(swarm, run_id, closing):
     with monitoring(run_id=run_id, initial_peers=visible_addresses(a), port=0, options=POLL) as running:
         url = running.server.url
         assert url.startswith("http://127.0.0.1:") and running.addresses == ()  # client mode
+        # (a publisher's thread sends its first record at once, before the test's update() fills it in)
         state = wait_until(
-            lambda: (s := get_state(url))["totals"]["peers"] == 2 and len(s["peers"]) == 3 and s,
-            what="both working peers and the one that left",
+            lambda: (
+                (s := get_state(url))["totals"]["peers"] == 2
+                and len(s["peers"]) == 3
+                and all(row["samples_per_s"] is not None for row in s["peers"])
+                and s
+            ),
+            what="both working peers and the one that left, with the values they published",
         )
         rows = peer_rows(state)
         assert {name: row["state"] for name, row in rows.items()} == {
