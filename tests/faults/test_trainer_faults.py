@@ -117,11 +117,16 @@ def test_nan_loss_from_a_poisoned_batch_is_skipped_not_averaged(served, tmp_path
     args = peer_args(served, a, "--max-steps", "8", "--checkpoint-dir", a / "ck")[2:]
     pa = children.start(
         sys.executable, "-m", "tests.faults.poisoned_peer", "run", *args, cwd=REPO, stdout=out, stderr=out,
-        env={**os.environ, "HIVETRAIN_POISON_STEPS": ",".join(map(str, poison))},
+        env={**os.environ, "HIVETRAIN_POISON_STEPS": ",".join(map(str, poison)), "HIVETRAIN_START_FILE": str(tmp_path / "go")},
     )  # fmt: skip
     pb = start_peer(
         children, served, b, "--max-steps", "8", "--checkpoint-dir", b / "ck", "--initial-peer", maddr(a)
     )
+    # the poisoned peer waits at its first step until the clean one trains too, or it might finish alone
+    wait_until(
+        lambda: "training testset on" in (b / "stdout.txt").read_text(), timeout=120, what="the clean peer"
+    )
+    (tmp_path / "go").touch()
     out_a = finish(pa, a)
     finish(pb, b)
 
