@@ -28,7 +28,7 @@ from hivemind.utils.crypto import RSAPrivateKey
 from hivetrain.assign import LeaseTiming, ShardAssigner
 from hivetrain.dht import ensure_run_validators, make_dht, signing_key, visible_addresses
 from hivetrain.leases import shard_list_fingerprint, shard_order
-from tests.util import REPO, wait_until
+from tests.util import REPO, loopback_dhts, wait_until
 
 FAST = LeaseTiming(settle_s=0.05, poll_s=0.05, request_timeout_s=5)
 
@@ -99,13 +99,8 @@ def reads_per_shard(lines):
 @pytest.fixture(scope="module")
 def swarm():
     """Four DHT peers on loopback, each with its own signing key, shared by the tests of this module."""
-    first = make_dht(private_key=RSAPrivateKey())
-    peers = [first] + [
-        make_dht(private_key=RSAPrivateKey(), initial_peers=visible_addresses(first)) for _ in range(3)
-    ]
-    yield peers
-    for dht in peers:
-        dht.shutdown()
+    with loopback_dhts(4) as peers:
+        yield peers
 
 
 @pytest.fixture

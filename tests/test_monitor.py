@@ -31,7 +31,7 @@ from hivetrain.monitor import MonitorOptions
 from hivetrain.monitor.aggregate import History
 from hivetrain.monitor.app import monitoring
 from tests.shardset import make_shard_set
-from tests.util import BIN, cli, free_port, wait_until
+from tests.util import BIN, cli, free_port, loopback_dhts, wait_until
 
 FAST = LeaseTiming(settle_s=0.05, poll_s=0.05, request_timeout_s=5)
 POLL = MonitorOptions(poll_s=0.25, grace_s=1.0)
@@ -55,11 +55,8 @@ def new_peer(initial_peers=()):
 @pytest.fixture(scope="module")
 def swarm():
     """Three DHT peers on loopback with their own signing keys, shared by this module's tests."""
-    first = new_peer()
-    peers = [first, new_peer(visible_addresses(first)), new_peer(visible_addresses(first))]
-    yield peers
-    for dht in peers:
-        dht.shutdown()
+    with loopback_dhts(3) as peers:
+        yield peers
 
 
 @pytest.fixture

@@ -73,3 +73,21 @@ class Children:
         for proc in self.procs:
             with contextlib.suppress(subprocess.TimeoutExpired):
                 proc.wait(timeout=10)
+
+
+@contextlib.contextmanager
+def loopback_dhts(count: int):
+    """`count` hivemind DHTs on 127.0.0.1, each with its own signing key, bootstrapped from the first;
+    shut down on exit. (hivemind is imported here, not at the top: most tests never need it.)"""
+    from hivemind.utils.crypto import RSAPrivateKey
+
+    from hivetrain.dht import make_dht, visible_addresses
+
+    nodes = [make_dht(private_key=RSAPrivateKey())]
+    try:
+        for _ in range(count - 1):
+            nodes.append(make_dht(private_key=RSAPrivateKey(), initial_peers=visible_addresses(nodes[0])))
+        yield nodes
+    finally:
+        for dht in nodes:
+            dht.shutdown()

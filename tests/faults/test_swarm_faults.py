@@ -32,19 +32,14 @@ from hivetrain.metrics import MetricsRecords, metrics_key
 from tests.faults.helpers import wait_group_gone
 from tests.faults.swarm_peer import Zygote
 from tests.test_assign_dht import consume, names, read_logs, reads_per_shard
-from tests.util import wait_until
+from tests.util import loopback_dhts, wait_until
 
 
 @pytest.fixture(scope="module")
 def swarm():
     """Three DHT nodes on loopback, each with its own key, shared by the tests of this module."""
-    first = make_dht(private_key=RSAPrivateKey())
-    nodes = [first] + [
-        make_dht(private_key=RSAPrivateKey(), initial_peers=visible_addresses(first)) for _ in range(2)
-    ]
-    yield nodes
-    for dht in nodes:
-        dht.shutdown()
+    with loopback_dhts(3) as nodes:
+        yield nodes
 
 
 @pytest.fixture(scope="module")
