@@ -7,7 +7,7 @@ BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 PYTEST_ARGS ?= --durations=15
 
-.PHONY: venv demo test faults lint bench pillow-simd clean
+.PHONY: venv system-tools demo test faults lint bench pillow-simd clean
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -20,8 +20,13 @@ venv: $(STAMP)
 demo: $(STAMP)
 	$(BIN)/python -m hivetrain.demo --dir demo
 
+## system-tools: the Debian tools some tests use (aria2, opentracker, mktorrent, curl, chromium,
+## iproute2), installed with apt-get when root; a no-op when present (tests/system_tools.py)
+system-tools:
+	$(PYTHON) tests/system_tools.py --install
+
 ## test: the suite CI runs (everything but the full fault suite)
-test: $(STAMP)
+test: $(STAMP) system-tools
 	$(BIN)/pytest $(PYTEST_ARGS)
 
 ## faults: the full fault-injection suite (20 runs of each repeated case; tens of minutes), then its

@@ -1,7 +1,7 @@
 """Interoperability with stock tools from Debian's packages: aria2c and opentracker both ways, curl, and
 webdataset's own `http://` URLs (which it reads through curl).
 
-`.ci/run` installs aria2, opentracker and curl; deselect with `-m "not interop"` where they are missing.
+`make test` installs them (tests/system_tools.py); where it cannot, each test skips naming the package.
 """
 
 from __future__ import annotations
@@ -21,6 +21,7 @@ from shardtool.manifest import load
 from shardtool.transport.serve import ShardServer
 from shardtool.transport.torrent import write_torrents
 from tests.shardset import make_shard_set
+from tests.system_tools import skip_unless
 from tests.util import BIN, cli, free_port, wait_until
 
 pytestmark = pytest.mark.interop
@@ -68,6 +69,7 @@ def shard_dir(tmp_path_factory) -> Path:
 
 
 def test_aria2c_downloads_from_shardtool_seed_through_opentracker(shard_dir, tmp_path, children):
+    skip_unless("aria2c", "opentracker")
     tracker_port = free_port()
     announce = f"http://127.0.0.1:{tracker_port}/announce"
     (info,) = write_torrents(shard_dir / "manifest.json", splits=["train"], trackers=[announce]).values()
@@ -100,6 +102,7 @@ def test_aria2c_downloads_from_shardtool_seed_through_opentracker(shard_dir, tmp
 
 def test_fetch_via_torrent_from_an_aria2c_seeder(shard_dir, tmp_path, children):
     """aria2c seeds (it checks the files first); our fetch knows it only as a peer address."""
+    skip_unless("aria2c")
     (info,) = write_torrents(
         shard_dir / "manifest.json", splits=["train"]
     ).values()  # no trackers, no web seeds
@@ -127,6 +130,7 @@ def test_fetch_via_torrent_from_an_aria2c_seeder(shard_dir, tmp_path, children):
 
 
 def test_curl_against_serve(shard_dir, tmp_path):
+    skip_unless("curl")
     with ShardServer(shard_dir) as server:
         name = "train-000001.tar"
         body = (shard_dir / name).read_bytes()
@@ -152,6 +156,7 @@ def test_curl_against_serve(shard_dir, tmp_path):
 
 
 def test_webdataset_reads_http_urls_from_serve(shard_dir):
+    skip_unless("curl")
     manifest = load(shard_dir)
     with ShardServer(shard_dir) as server:
         urls = [server.url + s.name for s in manifest.split("train").shards]
@@ -164,6 +169,7 @@ def test_webdataset_reads_http_urls_from_serve(shard_dir):
 
 
 def test_same_infohash_as_mktorrent(shard_dir, tmp_path):
+    skip_unless("mktorrent")
     import libtorrent as lt
 
     (info,) = write_torrents(shard_dir / "manifest.json", splits=["train"], web_seeds=["http://x/"]).values()

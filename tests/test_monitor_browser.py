@@ -2,7 +2,7 @@
 
 Three fake peers on real loopback DHTs claim shards and publish metrics; two of them are named with
 HTML that would run script if the page ever inserted it as markup. Needs Debian's `chromium` and
-`chromium-driver` (installed by .ci/run).
+`chromium-driver` (installed by `make test`, see tests/system_tools.py).
 """
 
 from __future__ import annotations
@@ -17,6 +17,7 @@ import pytest
 from hivetrain.assign import ShardAssigner
 from hivetrain.dht import visible_addresses
 from hivetrain.monitor.app import monitoring
+from tests.system_tools import skip_unless
 from tests.test_monitor import FAST, POLL, get_state, join_run, names, new_peer, publisher
 from tests.util import wait_until
 
@@ -42,8 +43,7 @@ SHARDS = names(24)
 
 @pytest.fixture(scope="module")
 def driver(tmp_path_factory):
-    if not (os.path.exists(CHROMIUM) and os.path.exists(CHROMEDRIVER)):
-        pytest.skip("needs headless Chromium: apt-get install chromium chromium-driver")
+    skip_unless("chromium", "chromedriver")
     from selenium import webdriver
     from selenium.webdriver.chrome.service import Service
 
