@@ -35,7 +35,8 @@ REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
 from hivetrain import recipe as recipes  # noqa: E402
-from hivetrain.train import NetworkOptions, Peer, TrainOptions  # noqa: E402
+from hivetrain.options import NetworkOptions, TrainOptions  # noqa: E402
+from hivetrain.train import Peer  # noqa: E402
 from hivetrain.transforms import Recipe  # noqa: E402
 from shardtool import manifest as manifest_io  # noqa: E402
 
@@ -96,7 +97,7 @@ def hivetrain_peer(shards: Path, args, work: Path) -> tuple[float, float]:
         device=args.device, log_dir=str(log_dir), max_steps=10**9, amp=args.amp, channels_last=args.channels_last,
     )  # fmt: skip
     network = NetworkOptions(run_id=f"bench-{time.time_ns()}")
-    with Peer(options, network) as peer:
+    with Peer.open(options, network) as peer:
         peer.has_val = False  # measure training only
         original = peer._step
         counter = {"n": 0}

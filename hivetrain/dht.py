@@ -34,6 +34,7 @@ from hivemind.utils.multiaddr import Multiaddr
 from pydantic.v1 import BaseModel, StrictFloat, conint, conlist, constr
 
 from .errors import PeerError
+from .options import LOOPBACK_MADDR
 
 logger = logging.getLogger(__name__)
 
@@ -136,7 +137,7 @@ def run_validators(
 def make_dht(
     *,
     initial_peers: Sequence[str] = (),
-    host_maddrs: Sequence[str] = ("/ip4/127.0.0.1/tcp/0",),
+    host_maddrs: Sequence[str] = (LOOPBACK_MADDR,),
     announce_maddrs: Sequence[str] = (),
     client_mode: bool = False,
     identity_path: str | Path | None = None,

@@ -20,8 +20,7 @@ from shardtool.datasets import known_datasets
 from shardtool.manifest import Manifest
 
 from .errors import HivetrainError
-
-MODELS = ("resnet18", "resnet34", "resnet50")
+from .options import MODELS
 
 
 @dataclass(frozen=True)
@@ -37,11 +36,23 @@ class TrainingRecipe:
     label_smoothing: float = 0.1
     epochs: int = 90
     warmup_epochs: float = 5.0
-    small_stem: bool = False  # 3x3 stride-1 first convolution (and no max-pool at 32 px) for small images
 
     @property
     def peak_lr(self) -> float:
         return self.lr if self.lr is not None else 0.1 * self.target_global_bsz / 256
+
+    @property
+    def stem(self) -> str:
+        """The ResNet's first layers, chosen by the training resolution (`STEMS`)."""
+        return next(name for name, largest in STEMS if self.image_size <= largest)
+
+
+STEMS = (("cifar", 32), ("small", 64), ("imagenet", 1 << 30))
+"""ResNet stems by the largest image side they serve. ImageNet's stem (7x7 stride-2 convolution and a
+stride-2 max-pool) shrinks the input 4x before the first block, which suits 224 px but leaves 1x1 feature
+maps at 32 px; below 64 px the first convolution is 3x3 with stride 1 ("small": the max-pool stays, 64 px
+-> 32 px at the first block), and up to 32 px the max-pool goes too ("cifar", as in the CIFAR ResNets),
+so that the last block always sees at least 4x4."""
 
 
 RECIPES = {
@@ -56,7 +67,6 @@ RECIPES = {
         weight_decay=5e-4,
         epochs=60,
         warmup_epochs=2,
-        small_stem=True,
     ),
     "cifar-10": TrainingRecipe(
         "resnet18",
@@ -66,7 +76,6 @@ RECIPES = {
         weight_decay=5e-4,
         epochs=60,
         warmup_epochs=2,
-        small_stem=True,
     ),
 }
 LAYOUT_SIZES = {"tiny-imagenet": 64, "cifar10": 32}
@@ -98,12 +107,12 @@ def training_recipe(manifest: Manifest, **overrides) -> TrainingRecipe:
 
 
 def build_model(recipe: TrainingRecipe, num_classes: int) -> nn.Module:
-    """A torchvision ResNet with random weights (never a download), its stem adapted to small images."""
+    """A torchvision ResNet with random weights (never a download), its stem fitted to the resolution."""
     model = getattr(torchvision.models, recipe.model)(weights=None, num_classes=num_classes)
-    if recipe.small_stem:
+    if recipe.stem in ("small", "cifar"):
         model.conv1 = nn.Conv2d(3, 64, kernel_size=3, stride=1, padding=1, bias=False)
-        if recipe.image_size <= 32:
-            model.maxpool = nn.Identity()
+    if recipe.stem == "cifar":
+        model.maxpool = nn.Identity()
     return model
 
 

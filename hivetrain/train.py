@@ -1,17 +1,21 @@
-"""One training peer: stream claimed shards into a model trained with `hivemind.Optimizer`.
+"""One training peer: stream claimed shards into a model that a synchronisation strategy keeps in step
+with the run's other peers.
 
-    Peer.start()  joins the DHT (prints the addresses others pass as --initial-peer), builds the model
-                  and optimizer, resumes a checkpoint or downloads the current state from peers
-    Peer.run()    claims shards (ShardAssigner) -> verified local copies (ShardCache, ClaimFeed) ->
-                  batches (ShardStream) -> forward/backward -> opt.step(); validates every
-                  `val_interval` global steps, writes metrics.jsonl and checkpoints
-    Peer.close()  releases unfinished shard claims, saves `latest`, leaves the DHT
+    with Peer.open(options, network, sync) as peer:   joins the DHT, builds the model and the strategy,
+                                                      resumes a checkpoint or downloads the run's state,
+                                                      opens the shard cache, assigner and feed
+        summary = peer.run()                          claims shards (ShardAssigner) -> verified local
+                                                      copies (ShardCache, ClaimFeed) -> batches
+                                                      (ShardStream) -> forward/backward -> sync.step();
+                                                      validates every `val_interval` global steps,
+                                                      writes metrics.jsonl, saves `latest` at the end
+    # leaving the block releases unfinished shard claims, stops the strategy, leaves the DHT
 
-The global step is hivemind's `local_epoch` (one step per `target_global_bsz` samples across all peers);
-the learning-rate schedule, validation and the end of training follow it, so late joiners follow the
-same schedule and all peers stop at the same step: `epochs` x train samples / `target_global_bsz` steps.
-(hivemind may average more than the target per step when several peers finish a batch at once, so
-the data epochs that the assigner hands out, one pass over the shards each, can outnumber `epochs`.)
+The global step counts global batches (`target_global_bsz` samples across all peers); the learning-rate
+schedule, validation and the end of training follow it, so late joiners follow the same schedule and all
+peers stop at the same step: `epochs` x train samples / `target_global_bsz` steps. (Peers may train more
+than the target per step when several finish a batch at once, so the data epochs that the assigner hands
+out, one pass over the shards each, can outnumber `epochs`.)
 """
 
 from __future__ import annotations
@@ -23,18 +27,18 @@ import logging
 import socket
 import threading
 import time
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import hivemind
 import torch
-from hivemind.compression import Float16Compression
 from hivemind.utils.multiaddr import Multiaddr
 from torch import nn
 
 from shardtool import manifest as manifest_io
+from shardtool.manifest import Manifest
 
-from . import checkpoint
+from . import checkpoint, sync
 from . import recipe as recipes
 from .assign import ShardAssigner
 from .cache import ShardCache
@@ -43,60 +47,13 @@ from .dht import make_dht, visible_addresses
 from .errors import DataError, HivetrainError
 from .feed import ClaimFeed
 from .metrics import JsonLines, MetricsPublisher, MetricsRecords, Rate, describe_device
+from .options import NetworkOptions, SyncOptions, TrainOptions
 from .transforms import recipe_for as image_recipe_for
 
 log = logging.getLogger(__name__)
 
 FEED_DEPTH = 2
 """Shards claimed and downloading ahead of the one being read."""
-
-
-@dataclass(frozen=True)
-class NetworkOptions:
-    """How this peer joins the run (see `hivetrain run --help`)."""
-
-    run_id: str = "hivetrain"
-    name: str | None = None  # shown by the monitor; default: the host name
-    initial_peers: tuple[str, ...] = ()
-    host_maddrs: tuple[str, ...] = ("/ip4/127.0.0.1/tcp/0",)
-    announce_maddrs: tuple[str, ...] = ()
-    client_mode: bool = False
-    identity: str | None = None
-    use_auto_relay: bool = False
-    lease_s: float = 30.0
-    matchmaking_time: float = 15.0
-    averaging_timeout: float = 60.0
-
-
-@dataclass(frozen=True)
-class TrainOptions:
-    """What and how this peer trains; None fields take the dataset's recipe default."""
-
-    shards: str
-    split: str = "train"
-    val_split: str = "val"
-    model: str | None = None
-    batch: int | None = None
-    lr: float | None = None
-    epochs: int | None = None
-    target_global_bsz: int | None = None
-    image_size: int | None = None
-    val_interval: int | None = None
-    max_steps: int | None = None
-    checkpoint_dir: str | None = None
-    resume_from: str | None = None
-    weights: str | None = None
-    device: str = "auto"
-    amp: bool = False
-    channels_last: bool = False
-    workers: int = 2
-    decode: str = "cpu"
-    cache_dir: str | None = None
-    cache_limit: int | None = None
-    log_dir: str = "logs"
-    mirrors: tuple[str, ...] = ()
-    via: str = "auto"
-    seed: int = 0
 
 
 @dataclass
@@ -112,162 +69,183 @@ class Summary:
     best_acc1: float = 0.0
 
 
-class Peer:
-    """A training peer. Use as `with Peer(options, network) as peer: peer.run()`."""
+@dataclass(frozen=True)
+class Plan:
+    """What the options mean for this run, worked out before anything joins the network."""
 
-    def __init__(self, options: TrainOptions, network: NetworkOptions = NetworkOptions()):
-        self.options, self.network = options, network
+    manifest: Manifest
+    recipe: recipes.TrainingRecipe
+    device: torch.device
+    amp: bool
+    total_steps: int
+    val_interval: int
+    has_val: bool
+    identity: checkpoint.Identity
+
+    @classmethod
+    def of(cls, options: TrainOptions) -> Plan:
+        """Read the manifest and choose the recipe, device and schedule; raises on bad input."""
+        manifest = manifest_io.load(options.shards)
+        samples = manifest.split(options.split).num_samples
+        recipe = recipes.training_recipe(manifest, **options.recipe_overrides())
+        device = _pick_device(options.device)
+        amp = options.amp and device.type == "cuda"
+        if options.amp and not amp:
+            log.warning("--amp needs a CUDA device; training in float32 on %s", device)
+        total = recipes.total_steps(recipe, samples)
+        if options.max_steps is not None:
+            total = min(total, options.max_steps)
+        has_val = options.val_split in manifest.splits and manifest.split(options.val_split).labeled
+        identity = checkpoint.Identity(
+            manifest.dataset, manifest.fingerprint(), recipe.model, manifest.num_classes, recipe.image_size
+        )
+        return cls(
+            manifest, recipe, device, amp, total,
+            options.val_interval or max(1, samples // recipe.target_global_bsz), has_val, identity,
+        )  # fmt: skip
+
+
+class Peer:
+    """A training peer, assembled from its parts by `Peer.open` (which also takes it apart)."""
+
+    def __init__(
+        self,
+        *,
+        options: TrainOptions,
+        plan: Plan,
+        addresses: list[str],
+        model: nn.Module,
+        synchronizer: sync.Synchronizer,
+        cache: ShardCache,
+        assigner: ShardAssigner,
+        feed: ClaimFeed,
+        metrics: JsonLines,
+        publisher: MetricsPublisher,
+        best_acc1: float = 0.0,
+    ):
+        self.options, self.plan, self.addresses = options, plan, addresses
+        self.model, self.sync = model, synchronizer
+        self.cache, self.assigner, self.feed = cache, assigner, feed
+        self.metrics, self.publisher = metrics, publisher
+        self.best_acc1 = best_acc1
+        self.has_val = plan.has_val
         self.stop_event = threading.Event()
         self.summary = Summary()
-        self._closed = False
-        self.dht = self.opt = self.assigner = self.feed = self.cache = self.metrics = self._stream = None
-        self.publisher: MetricsPublisher | None = None
+        self.criterion = nn.CrossEntropyLoss(label_smoothing=plan.recipe.label_smoothing)
+        self._batchnorm = recipes.batchnorm_buffers(model, counters=True)  # on the device, as trained
 
-    # ---- set-up ---------------------------------------------------------------------------------
+    # ---- assembly -------------------------------------------------------------------------------
 
-    def start(self) -> Peer:
-        o = self.options
-        self.log_dir = Path(o.log_dir)
-        self.log_dir.mkdir(parents=True, exist_ok=True)
-        self.manifest = manifest_io.load(o.shards)
-        train_split = self.manifest.split(o.split)
-        self.has_val = o.val_split in self.manifest.splits and self.manifest.split(o.val_split).labeled
-        self.recipe = recipes.training_recipe(
-            self.manifest, model=o.model, batch=o.batch, lr=o.lr, epochs=o.epochs,
-            target_global_bsz=o.target_global_bsz, image_size=o.image_size,
-        )  # fmt: skip
-        self.device = _pick_device(o.device)
-        self.amp = o.amp and self.device.type == "cuda"
-        if o.amp and not self.amp:
-            log.warning("--amp needs a CUDA device; training in float32 on %s", self.device)
-        samples = train_split.num_samples
-        self.total_steps = recipes.total_steps(self.recipe, samples)
-        if o.max_steps is not None:
-            self.total_steps = min(self.total_steps, o.max_steps)
-        self.val_interval = o.val_interval or max(1, samples // self.recipe.target_global_bsz)
-        self.identity = checkpoint.Identity(
-            self.manifest.dataset, self.manifest.fingerprint(), self.recipe.model,
-            self.manifest.num_classes, self.recipe.image_size,
-        )  # fmt: skip
-        resume = checkpoint.load(o.resume_from, expect=self.identity) if o.resume_from else None
+    @classmethod
+    @contextlib.contextmanager
+    def open(
+        cls,
+        options: TrainOptions,
+        network: NetworkOptions | None = None,
+        sync_options: SyncOptions | None = None,
+    ) -> Iterator[Peer]:
+        """Build a peer and its parts; on leaving, take them down in reverse order, each step's failure
+        logged and the rest carried out (unfinished claims released, the strategy stopped, DHT left).
+
+        Raises:
+            HivetrainError, ShardtoolError: bad options, manifest or checkpoint; unreachable peers.
+        """
+        o, n, sync_options = options, network or NetworkOptions(), sync_options or SyncOptions()
+        plan = Plan.of(o)
+        log_dir = Path(o.log_dir)
+        log_dir.mkdir(parents=True, exist_ok=True)
+        resume = checkpoint.load(o.resume_from, expect=plan.identity) if o.resume_from else None
         if o.checkpoint_dir and (stale := checkpoint.remove_stale_temps(o.checkpoint_dir)):
             log.info("removed %d unfinished checkpoint file(s) from %s", len(stale), o.checkpoint_dir)
+        train_shards = [s.name for s in plan.manifest.split(o.split).shards]
 
-        self._join()
-        self.model = recipes.build_model(self.recipe, self.manifest.num_classes)
-        if o.weights:
-            checkpoint.load_weights(self.model, o.weights)
-        if resume is not None:
-            self.model.load_state_dict(resume["model"])
-        self.model.to(self.device)
-        if o.channels_last:
-            self.model.to(memory_format=torch.channels_last)
-        self.criterion = nn.CrossEntropyLoss(label_smoothing=self.recipe.label_smoothing)
-        self.opt = self._optimizer()
-        self._batchnorm = recipes.batchnorm_buffers(self.model, counters=True)  # on the device, as trained
-        self.best_acc1 = 0.0
-        if resume is not None:
-            self.opt.load_state_dict(resume["optimizer"])
-            self.best_acc1 = float(resume.get("best_acc1", 0.0))
-            log.info("resumed from %s at global step %d", o.resume_from, self.opt.local_epoch)
-        self._catch_up()
+        with contextlib.ExitStack() as stack:
 
-        cache_dir = Path(o.cache_dir) if o.cache_dir else self.log_dir / "cache"
-        self.cache = ShardCache(
-            self.manifest, cache_dir, limit_bytes=o.cache_limit, mirrors=o.mirrors, via=o.via
-        )
-        self.assigner = ShardAssigner(
-            [s.name for s in train_split.shards], dht=self.dht, run_id=self.network.run_id,
-            lease_s=self.network.lease_s, seed=o.seed, log_dir=self.log_dir, max_epochs=None,
-            batch=FEED_DEPTH,  # claim the shards the feed reads ahead in one DHT round
-        )  # fmt: skip
-        self.feed = ClaimFeed(self.assigner, self.cache, split=o.split, depth=FEED_DEPTH)
-        self.metrics = JsonLines(self.log_dir / "metrics.jsonl")
-        log.info(
-            "training %s on %s (%d classes, %d train samples): %s at %d px, batch %d, global batch %d, "
-            "peak lr %.3g, %d global steps, device %s",
-            self.manifest.dataset, o.shards, self.manifest.num_classes, samples, self.recipe.model,
-            self.recipe.image_size, self.recipe.batch, self.recipe.target_global_bsz, self.recipe.peak_lr,
-            self.total_steps, self.device,
-        )  # fmt: skip
-        return self
+            def on_exit(what: str, step: Callable[[], object]) -> None:
+                stack.callback(_carry_on, what, step)
 
-    def _join(self) -> None:
-        n = self.network
-        self.dht = dht = make_dht(
-            initial_peers=n.initial_peers, host_maddrs=n.host_maddrs, announce_maddrs=n.announce_maddrs,
-            client_mode=n.client_mode, identity_path=n.identity, use_auto_relay=n.use_auto_relay,
-            run_id=n.run_id, schemas=[MetricsRecords],
-        )  # fmt: skip
-        addresses = [] if n.client_mode else visible_addresses(dht)
-        self.publisher = MetricsPublisher(
-            dht, n.run_id, peer_name=n.name or socket.gethostname(), address=addresses[0] if addresses else "",
-            device=describe_device(self.device), shards=[s.name for s in self.manifest.split(self.options.split).shards],
-        )  # fmt: skip
-        (self.log_dir / "maddrs.txt").write_text("".join(a + "\n" for a in addresses))
-        if n.client_mode:
-            print("joined in client mode: this peer dials others and cannot be an --initial-peer", flush=True)
-        else:
-            print("other peers join this run with:", flush=True)
-            for address in addresses:
-                print(f"  --initial-peer {address}", flush=True)
-            _warn_if_unreachable(addresses, n)
+            dht = make_dht(
+                initial_peers=n.initial_peers, host_maddrs=n.host_maddrs, announce_maddrs=n.announce_maddrs,
+                client_mode=n.client_mode, identity_path=n.identity, use_auto_relay=n.use_auto_relay,
+                run_id=n.run_id, schemas=[MetricsRecords],
+            )  # fmt: skip
+            on_exit("leaving the DHT", dht.shutdown)
+            addresses = [] if n.client_mode else visible_addresses(dht)
+            (log_dir / "maddrs.txt").write_text("".join(a + "\n" for a in addresses))
+            if not n.client_mode:
+                _warn_if_unreachable(addresses, n)
+            publisher = MetricsPublisher(
+                dht, n.run_id, peer_name=n.name or socket.gethostname(), address=addresses[0] if addresses else "",
+                device=describe_device(plan.device), shards=train_shards,
+            )  # fmt: skip
+            on_exit("closing the metrics publisher", publisher.close)
 
-    def _optimizer(self) -> hivemind.Optimizer:
-        r, n = self.recipe, self.network
-        warmup = recipes.warmup_steps(r, self.manifest.split(self.options.split).num_samples)
-        schedule = functools.partial(recipes.lr_factor, warmup=warmup, total=self.total_steps)
-        return _Optimizer(
-            dht=self.dht,
-            run_id=n.run_id,
-            target_batch_size=r.target_global_bsz,
-            batch_size_per_step=r.batch,
-            params=recipes.param_groups(self.model, r.weight_decay),
-            optimizer=functools.partial(torch.optim.SGD, lr=r.peak_lr, momentum=0.9, nesterov=True),
-            scheduler=functools.partial(torch.optim.lr_scheduler.LambdaLR, lr_lambda=schedule),
-            matchmaking_time=n.matchmaking_time,
-            averaging_timeout=n.averaging_timeout,
-            extra_tensors=recipes.batchnorm_buffers(self.model),
-            # matchmaking wants its requests to time out well within one matchmaking round
-            averager_opts=dict(request_timeout=min(3.0, n.matchmaking_time / 2)),
-            grad_compression=Float16Compression(),
-            state_averaging_compression=Float16Compression(),
-            load_state_compression=Float16Compression(),
-            verbose=False,
-        )
+            model = _build_model(plan, o, resume)
+            synchronizer = sync.make(_sync_context(plan, o, dht, n.run_id, model, sync_options))
+            on_exit("stopping synchronisation", synchronizer.shutdown)
+            if resume is not None:
+                synchronizer.load_state_dict(resume)
+                log.info("resumed from %s at global step %d", o.resume_from, synchronizer.global_step)
+            synchronizer.catch_up()
 
-    def _catch_up(self) -> None:
-        """A late joiner downloads the run's current state before it computes a single gradient."""
-        tracker = self.opt.tracker
-        tracker.fetched_global_progress_this_epoch.wait(timeout=10.0)
-        progress = tracker.global_progress  # its epoch is the most advanced peer's (ours when alone)
-        if progress.epoch > self.opt.local_epoch:
-            log.info("the run is at global step %d: downloading its state from peers", progress.epoch)
-            self.opt.load_state_from_peers()
-            log.info("loaded state from peers: now at global step %d", self.opt.local_epoch)
+            cache = ShardCache(
+                plan.manifest, Path(o.cache_dir) if o.cache_dir else log_dir / "cache",
+                limit_bytes=o.cache_limit, mirrors=o.mirrors, via=o.via,
+            )  # fmt: skip
+            on_exit("closing the shard cache", cache.close)
+            assigner = ShardAssigner(
+                train_shards, dht=dht, run_id=n.run_id, lease_s=o.lease, seed=o.seed, log_dir=log_dir,
+                max_epochs=None, batch=FEED_DEPTH,  # claim the shards the feed reads ahead in one DHT round
+            )  # fmt: skip
+            on_exit("releasing shard claims", assigner.close)
+            feed = ClaimFeed(assigner, cache, split=o.split, depth=FEED_DEPTH)
+            on_exit("stopping the feed", feed.stop)
+            metrics = JsonLines(log_dir / "metrics.jsonl")
+            on_exit("closing metrics", metrics.close)
+            r = plan.recipe
+            log.info(
+                "training %s on %s (%d classes, %d train samples): %s at %d px, batch %d, global batch %d, "
+                "peak lr %.3g, %d global steps, sync %s, device %s",
+                plan.manifest.dataset, o.shards, plan.manifest.num_classes, plan.manifest.split(o.split).num_samples,
+                r.model, r.image_size, r.batch, r.target_global_bsz, r.peak_lr, plan.total_steps,
+                synchronizer.mode, plan.device,
+            )  # fmt: skip
+            yield cls(
+                options=o, plan=plan, addresses=addresses, model=model, synchronizer=synchronizer,
+                cache=cache, assigner=assigner, feed=feed, metrics=metrics, publisher=publisher,
+                best_acc1=float(resume.get("best_acc1", 0.0)) if resume is not None else 0.0,
+            )  # fmt: skip
 
     # ---- training -------------------------------------------------------------------------------
 
     def run(self) -> Summary:
-        """Train until the recipe's epochs or steps are done, or `stop_event` is set."""
-        o, r = self.options, self.recipe
-        shards = self.manifest.split(o.split).shards
+        """Train until the recipe's epochs or steps are done, or `stop_event` is set; save `latest`."""
+        o, plan = self.options, self.plan
+        shards = plan.manifest.split(o.split).shards
         # Shards are shuffled at build time; the buffer mixes a few of them, and no more, so that a
         # shard's completion (and its lease) does not lag far behind its reading.
         per_shard = max(1, sum(s.num_samples for s in shards) // len(shards))
         loader = LoaderOptions(
-            batch_size=r.batch, workers=o.workers, decode=o.decode, shuffle_buffer=min(2000, 2 * per_shard),
-            device=str(self.device),  # uint8 batches travel to the GPU and are normalised there
+            batch_size=plan.recipe.batch, workers=o.workers, decode=o.decode, shuffle_buffer=min(2000, 2 * per_shard),
+            device=str(plan.device),  # uint8 batches travel to the GPU and are normalised there
         )  # fmt: skip
         stream = train_stream(
-            self.manifest, self.feed, split=o.split, options=loader, image_size=r.image_size
-        )
-        self._stream = stream
+            plan.manifest, self.feed, split=o.split, options=loader, image_size=plan.recipe.image_size,
+            flip=o.flip,
+        )  # fmt: skip
+        try:
+            self._train(stream)
+        finally:
+            stream.close()
+            _carry_on("saving the checkpoint", self.save)
+        return self.summary
+
+    def _train(self, stream: ShardStream) -> None:
         rate, wait_total, busy_total = Rate(), 0.0, 0.0
-        last_val = self.opt.local_epoch
+        last_val = self.sync.global_step
         items = iter(stream)
         self.model.train()
-        while not self.stop_event.is_set() and self.opt.local_epoch < self.total_steps:
+        while not self.stop_event.is_set() and self.sync.global_step < self.plan.total_steps:
             started = time.perf_counter()
             item = next(items, None)
             waited = time.perf_counter() - started
@@ -284,38 +262,44 @@ class Peer:
             self.summary.local_steps += 1
             self.summary.samples += len(item)
             record = dict(
-                time=time.time(), step=self.summary.local_steps, global_step=self.opt.local_epoch,
-                data_epoch=self.assigner.epoch, loss=loss, lr=self.opt.param_groups[0]["lr"],
+                time=time.time(), step=self.summary.local_steps, global_step=self.sync.global_step,
+                data_epoch=self.assigner.epoch, loss=loss, lr=self.sync.lr,
                 samples_per_s=rate.per_second, data_wait=waited, data_wait_frac=wait_total / (wait_total + busy_total),
-                shards_read=self.feed.shards_read, peers=self.opt.tracker.global_progress.num_peers,
+                shards_read=self.feed.shards_read, peers=self.sync.num_peers,
                 fetch_mb_s=self.cache.stats.fetch_mb_s, corrupt=stream.stats.corrupt, missing=stream.stats.missing,
                 skipped_steps=self.summary.skipped_steps,
             )  # fmt: skip
-            if self.opt.local_epoch - last_val >= self.val_interval:
-                last_val = self.opt.local_epoch
+            if self.sync.global_step - last_val >= self.val_interval:
+                last_val = self.sync.global_step
                 record.update(self._validate_and_save())
             self.metrics.write(record)
             self.publisher.update(
                 **record, samples=self.summary.samples, shards_claimed=len(self.assigner.held())
             )
-        self.summary.global_step = self.opt.local_epoch
         self.summary.shards_read = self.feed.shards_read
         finished = not self.stop_event.is_set()  # a stop (Ctrl-C, SIGTERM) should not wait for a validation
-        if finished and (self.opt.local_epoch != last_val or not self.summary.val):
-            final = dict(time=time.time(), global_step=self.opt.local_epoch, **self._validate_and_save())
+        if finished:
+            self.sync.finish()
+        self.summary.global_step = self.sync.global_step
+        if finished and (self.sync.global_step != last_val or not self.summary.val):
+            final = dict(time=time.time(), global_step=self.sync.global_step, **self._validate_and_save())
             self.metrics.write(final)
             self.publisher.update(**final)
-        return self.summary
+
+    @property
+    def val_interval(self) -> int:
+        return self.plan.val_interval
 
     def _step(self, images: torch.Tensor, labels: torch.Tensor) -> float:
-        images = images.to(self.device, non_blocking=True)
-        labels = labels.to(self.device, non_blocking=True)
+        device = self.plan.device
+        images = images.to(device, non_blocking=True)
+        labels = labels.to(device, non_blocking=True)
         if self.options.channels_last:
             images = images.contiguous(memory_format=torch.channels_last)
         # The forward pass updates BatchNorm's running statistics, which peers average: keep a copy to
         # restore if this batch turns out to be poisoned (a few kilobytes per layer).
         batchnorm = [b.clone() for b in self._batchnorm]
-        with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.amp):
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=self.plan.amp):
             loss = self.criterion(self.model(images), labels)
         if not torch.isfinite(loss):
             # A poisoned batch must reach neither this model nor, through averaging, the other peers:
@@ -325,11 +309,10 @@ class Peer:
                     live.copy_(kept)
             self.summary.skipped_steps += 1
             log.warning("non-finite loss (%s): skipping this batch", loss.item())
-            self.opt.zero_grad()
+            self.sync.zero_grad()
             return float("nan")
         loss.backward()
-        self.opt.step(batch_size=len(labels))
-        self.opt.zero_grad()
+        self.sync.step(batch_size=len(labels))
         return loss.item()
 
     # ---- validation and checkpoints -------------------------------------------------------------
@@ -340,7 +323,7 @@ class Peer:
             self.summary.val = result
             log.info(
                 "global step %d: val top-1 %.2f%%, top-5 %.2f%% (%d images)",
-                self.opt.local_epoch, 100 * result["val_top1"], 100 * result["val_top5"], result["val_samples"],
+                self.sync.global_step, 100 * result["val_top1"], 100 * result["val_top5"], result["val_samples"],
             )  # fmt: skip
         improved = bool(result) and result["val_top1"] > self.best_acc1
         if improved:
@@ -351,24 +334,25 @@ class Peer:
 
     def validate(self) -> dict[str, float]:
         """Top-1 and top-5 accuracy over the whole validation split, every sample once."""
-        split = self.manifest.split(self.options.val_split)
+        o, plan = self.options, self.plan
+        split = plan.manifest.split(o.val_split)
         refs = [ShardRef(self.cache.get(s), s.name, s.num_samples) for s in split.shards]
-        loader = LoaderOptions(batch_size=2 * self.recipe.batch, workers=self.options.workers,
-                               decode=self.options.decode, persistent_workers=False, device=str(self.device))  # fmt: skip
+        loader = LoaderOptions(batch_size=2 * plan.recipe.batch, workers=o.workers, decode=o.decode,
+                               persistent_workers=False, device=str(plan.device))  # fmt: skip
         stream = ShardStream(
-            refs, image_recipe_for(self.manifest, self.recipe.image_size), loader, train=False,
-            num_classes=self.manifest.num_classes,
+            refs, image_recipe_for(plan.manifest, plan.recipe.image_size), loader, train=False,
+            num_classes=plan.manifest.num_classes,
         )  # fmt: skip
         correct1 = correct5 = seen = 0
         self.model.eval()
         try:
-            with torch.no_grad(), torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.amp):
+            with torch.no_grad(), torch.autocast(plan.device.type, dtype=torch.bfloat16, enabled=plan.amp):
                 for batch in stream.batches():
-                    images = batch.images.to(self.device, non_blocking=True)
-                    if self.options.channels_last:
+                    images = batch.images.to(plan.device, non_blocking=True)
+                    if o.channels_last:
                         images = images.contiguous(memory_format=torch.channels_last)
-                    labels = batch.labels.to(self.device)
-                    top = self.model(images).topk(min(5, self.manifest.num_classes), dim=1).indices
+                    labels = batch.labels.to(plan.device)
+                    top = self.model(images).topk(min(5, plan.manifest.num_classes), dim=1).indices
                     hits = top == labels[:, None]
                     correct1 += hits[:, 0].sum().item()
                     correct5 += hits.any(dim=1).sum().item()
@@ -379,7 +363,7 @@ class Peer:
             for s in split.shards:
                 self.cache.unpin(s.name)
         if seen == 0:
-            raise DataError(f"{self.manifest.origin}: the {self.options.val_split} split yielded no samples")
+            raise DataError(f"{plan.manifest.origin}: the {o.val_split} split yielded no samples")
         return {"val_top1": correct1 / seen, "val_top5": correct5 / seen, "val_samples": seen}
 
     def save(self, *, best: bool = False) -> None:
@@ -387,69 +371,48 @@ class Peer:
         if not self.options.checkpoint_dir:
             return
         state = dict(
-            model=self.model.state_dict(), optimizer=self.opt.state_dict(),
-            scheduler=self.opt.state_averager.scheduler.state_dict(), global_step=self.opt.local_epoch,
+            model=self.model.state_dict(), **self.sync.state_dict(), global_step=self.sync.global_step,
             best_acc1=self.best_acc1, data_epoch=self.assigner.epoch,
         )  # fmt: skip
         folder = Path(self.options.checkpoint_dir)
-        checkpoint.save(folder / checkpoint.LATEST, identity=self.identity, state=state)
+        checkpoint.save(folder / checkpoint.LATEST, identity=self.plan.identity, state=state)
         if best:
-            checkpoint.save(folder / checkpoint.BEST, identity=self.identity, state=state)
-
-    # ---- shutdown -------------------------------------------------------------------------------
-
-    def close(self) -> None:
-        """Stop reading, release unfinished shard claims, save `latest`, leave the DHT. Idempotent."""
-        if self._closed:
-            return
-        self._closed = True
-        steps = [
-            ("stopping the feed", self.feed and self.feed.stop),
-            ("stopping the loader", self._stream and self._stream.close),
-            ("releasing shard claims", self.assigner and self.assigner.close),
-            ("saving the checkpoint", self.opt and self.save),
-            ("closing metrics", self.metrics and self.metrics.close),
-            ("closing the metrics publisher", self.publisher and self.publisher.close),
-            ("closing the shard cache", self.cache and self.cache.close),
-            ("stopping the optimizer", self.opt and self.opt.shutdown),
-            ("leaving the DHT", self.dht and self.dht.shutdown),
-        ]
-        for what, step in steps:
-            if not step:
-                continue
-            log.debug("shutdown: %s", what)
-            try:
-                step()
-            except Exception as e:  # shutting down: report and carry on with the rest
-                log.warning("while %s: %s: %s", what, type(e).__name__, e)
-
-    def __enter__(self) -> Peer:
-        try:
-            return self.start()
-        except BaseException:
-            self.close()
-            raise
-
-    def __exit__(self, *exc) -> None:
-        self.close()
+            checkpoint.save(folder / checkpoint.BEST, identity=self.plan.identity, state=state)
 
 
-class _Optimizer(hivemind.Optimizer):
-    """hivemind.Optimizer that does not look for averaging partners while no other peer is training.
+def _build_model(plan: Plan, options: TrainOptions, resume: dict | None) -> nn.Module:
+    model = recipes.build_model(plan.recipe, plan.manifest.num_classes)
+    if options.weights:
+        checkpoint.load_weights(model, options.weights)
+    if resume is not None:
+        model.load_state_dict(resume["model"])
+    model.to(plan.device)
+    if options.channels_last:
+        model.to(memory_format=torch.channels_last)
+    return model
 
-    hivemind pre-schedules matchmaking for every global step, alone or not; a lone peer then spends a
-    good share of a small machine's CPU in its averager processes on rounds that are cancelled for lack
-    of partners (measured: 36% fewer samples/s on 2 cores). The schedule resumes as soon as the progress
-    tracker sees a second peer. Overrides two internal hooks of hivemind 1.1.12 (pinned in pyproject).
-    """
 
-    def _maybe_schedule_gradient_averaging(self) -> None:
-        if self.tracker.global_progress.num_peers > 1:
-            super()._maybe_schedule_gradient_averaging()
+def _sync_context(
+    plan: Plan, options: TrainOptions, dht, run_id: str, model: nn.Module, sync_options: SyncOptions
+) -> sync.SyncContext:
+    r = plan.recipe
+    warmup = recipes.warmup_steps(r, plan.manifest.split(options.split).num_samples)
+    return sync.SyncContext(
+        dht=dht, run_id=run_id, model=model, param_groups=recipes.param_groups(model, r.weight_decay),
+        inner_optimizer=functools.partial(torch.optim.SGD, lr=r.peak_lr, momentum=0.9, nesterov=True),
+        lr_schedule=functools.partial(recipes.lr_factor, warmup=warmup, total=plan.total_steps),
+        batchnorm=recipes.batchnorm_buffers(model), batch=r.batch, target_global_bsz=r.target_global_bsz,
+        options=sync_options,
+    )  # fmt: skip
 
-    def _maybe_schedule_state_averaging(self) -> None:
-        if self.tracker.global_progress.num_peers > 1:
-            super()._maybe_schedule_state_averaging()
+
+def _carry_on(what: str, step: Callable[[], object]) -> None:
+    """Run one shutdown step; a failure is reported and the remaining steps still run."""
+    log.debug("shutdown: %s", what)
+    try:
+        step()
+    except Exception as e:
+        log.warning("while %s: %s: %s", what, type(e).__name__, e)
 
 
 def _pick_device(name: str) -> torch.device:
@@ -469,9 +432,8 @@ def _warn_if_unreachable(addresses: list[str], network: NetworkOptions) -> None:
     public = False
     for address in addresses:
         with contextlib.suppress(Exception):
-            host = Multiaddr(address).value_for_protocol("ip4") or Multiaddr(address).value_for_protocol(
-                "ip6"
-            )
+            maddr = Multiaddr(address)
+            host = maddr.value_for_protocol("ip4") or maddr.value_for_protocol("ip6")
             public |= ipaddress.ip_address(host).is_global
     if not public and any(not a.startswith(("/ip4/127.", "/ip6/::1")) for a in network.host_maddrs):
         log.warning(

@@ -52,12 +52,14 @@ class Recipe:
         size: side of the square output images.
         style: "imagenet" (random-resized-crop / resize + centre-crop) or "cifar" (pad + random crop).
         mean, std: per-channel normalisation.
+        flip: random horizontal flips in training (off for data where mirroring changes the class).
     """
 
     size: int
     style: Literal["imagenet", "cifar"] = "imagenet"
     mean: tuple[float, float, float] = IMAGENET_MEAN
     std: tuple[float, float, float] = IMAGENET_STD
+    flip: bool = True
 
     @property
     def resize_size(self) -> int:
@@ -79,10 +81,11 @@ class Recipe:
 
     def geometry(self, *, train: bool) -> v2.Compose:
         """The recipe's crops and flips; works on PIL images and on uint8 CHW tensors on any device."""
+        flip = [v2.RandomHorizontalFlip()] if self.flip else []
         if self.style == "cifar":
-            steps = [v2.RandomCrop(self.size, padding=4), v2.RandomHorizontalFlip()] if train else []
+            steps = [v2.RandomCrop(self.size, padding=4), *flip] if train else []
         elif train:
-            steps = [v2.RandomResizedCrop(self.size, antialias=True), v2.RandomHorizontalFlip()]
+            steps = [v2.RandomResizedCrop(self.size, antialias=True), *flip]
         else:
             steps = [v2.Resize(self.resize_size, antialias=True), v2.CenterCrop(self.size)]
         return v2.Compose(steps or [v2.Identity()])
@@ -117,8 +120,9 @@ class Recipe:
         )
 
 
-def recipe_for(dataset: Manifest | str, size: int | None = None) -> Recipe:
-    """The recipe for a manifest's dataset (or a dataset name); `size` overrides the known size.
+def recipe_for(dataset: Manifest | str, size: int | None = None, *, flip: bool = True) -> Recipe:
+    """The recipe for a manifest's dataset (or a dataset name); `size` overrides the known size, and
+    `flip=False` turns the training flips off.
 
     Raises:
         DataError: the dataset is not a known one and no size was given.
@@ -133,8 +137,8 @@ def recipe_for(dataset: Manifest | str, size: int | None = None) -> Recipe:
     if size < 8 or size > 4096:
         raise DataError(f"image size must be between 8 and 4096 pixels, not {size}")
     if definition is not None and "cifar10" in definition.layouts:
-        return Recipe(size, "cifar", CIFAR_MEAN, CIFAR_STD)
-    return Recipe(size)
+        return Recipe(size, "cifar", CIFAR_MEAN, CIFAR_STD, flip=flip)
+    return Recipe(size, flip=flip)
 
 
 def decode_image(data: bytes, *, draft: int | None = None) -> Image.Image:

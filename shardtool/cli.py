@@ -6,14 +6,13 @@ named in the package docstring.
 
 from __future__ import annotations
 
-import contextlib
 import signal
 from pathlib import Path
 
 import click
 
 from . import __version__
-from .cliutil import friendly_group, setup_logging, with_verbosity
+from .cliutil import friendly_group, on_signals, setup_logging, stop_on_signals, with_verbosity
 from .errors import ShardtoolError
 
 
@@ -238,18 +237,13 @@ def info(manifest_path, as_json):
     click.echo("\n".join(lines))
 
 
-@contextlib.contextmanager
 def _sigterm_as_exit():
     """Turn SIGTERM into SystemExit while long work runs, so `finally` blocks clean up temp files."""
 
-    def handler(signum, frame):
+    def handler(signum: int) -> None:
         raise SystemExit(128 + signum)
 
-    previous = signal.signal(signal.SIGTERM, handler)
-    try:
-        yield
-    finally:
-        signal.signal(signal.SIGTERM, previous)
+    return on_signals(handler, (signal.SIGTERM,))
 
 
 # ---- transport: serve, fetch, torrent, seed -----------------------------------------------------
@@ -261,14 +255,10 @@ def _until_stopped(tick=None, interval: float = 1.0) -> None:
     import threading
 
     stop = threading.Event()
-    previous = {sig: signal.signal(sig, lambda *_: stop.set()) for sig in (signal.SIGINT, signal.SIGTERM)}
-    try:
+    with stop_on_signals(stop):
         while not stop.wait(interval):
             if tick:
                 tick()
-    finally:
-        for sig, handler in previous.items():
-            signal.signal(sig, handler)
 
 
 def _torrent_options(listen, dht, lsd, upnp, trackers, peers, **kw):

@@ -2,8 +2,12 @@
 
 from __future__ import annotations
 
+import contextlib
 import logging
+import signal
 import sys
+import threading
+from collections.abc import Callable, Iterator
 
 import click
 
@@ -26,6 +30,54 @@ class FriendlyGroup(click.Group):
 def friendly_group(*error_types: type[BaseException]) -> type[FriendlyGroup]:
     """A FriendlyGroup subclass that reports the given exception types as user errors."""
     return type("Group", (FriendlyGroup,), {"error_types": tuple(error_types)})
+
+
+class Size(click.ParamType):
+    """A size such as 256MB, 1GiB or 4096 (bytes), parsed by `shardtool.build.parse_size`."""
+
+    name = "size"
+
+    def convert(self, value, param, ctx):
+        if isinstance(value, int):
+            return value
+        from .build import parse_size
+        from .errors import ShardtoolError
+
+        try:
+            return parse_size(value)
+        except ShardtoolError as e:
+            self.fail(str(e), param, ctx)
+
+
+SIZE = Size()
+
+
+STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM)
+
+
+@contextlib.contextmanager
+def on_signals(handler: Callable[[int], None], signals=STOP_SIGNALS) -> Iterator[None]:
+    """Call `handler(signum)` on `signals` while the block runs; the previous handlers come back after."""
+    previous = {s: signal.signal(s, lambda signum, frame: handler(signum)) for s in signals}
+    try:
+        yield
+    finally:
+        for s, old in previous.items():
+            signal.signal(s, old)
+
+
+def stop_on_signals(event: threading.Event, *, message: str | None = None, signals=STOP_SIGNALS):
+    """Ctrl-C or SIGTERM sets `event` (a clean stop, announced with `message` if given); a second one
+    raises KeyboardInterrupt, which stops at once."""
+
+    def handler(signum: int) -> None:
+        if event.is_set():
+            raise KeyboardInterrupt
+        if message:
+            click.echo(f"{signal.Signals(signum).name}: {message} (again to stop at once)", err=True)
+        event.set()
+
+    return on_signals(handler, signals)
 
 
 def setup_logging(verbose: int, quiet: int) -> None:

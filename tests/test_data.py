@@ -338,3 +338,31 @@ def test_bad_loader_options_are_clear_errors(options, message):
     with pytest.raises(DataError) as e:
         LoaderOptions(**options)
     assert str(e.value) == message
+
+
+def test_no_flip_keeps_every_image_the_right_way_round(tmp_path):
+    """Images whose left half is red and right half blue: with flips off no training sample comes out
+    mirrored; with them on (the default), about half of those whose crop spans both halves do."""
+    buf = io.BytesIO()
+    img = Image.new("RGB", (32, 32), (220, 30, 30))
+    img.paste((30, 30, 220), (16, 0, 32, 32))
+    img.save(buf, "JPEG", quality=95)
+    with ShardWriter(tmp_path / "train-000000.tar", fsync=False) as w:
+        for i in range(64):
+            w.write(f"s_{i:04d}", {"jpg": buf.getvalue(), "cls": b"0"})
+    manifest = make_shard_set(tmp_path / "ref", {"train": (1, 1)}, num_classes=NUM_CLASSES)
+    options = LoaderOptions(batch_size=16, workers=0)
+
+    def mirrored(flip: bool) -> int:
+        items, _ = run(train_stream(manifest, [str(tmp_path / "train-000000.tar")], options=options,
+                                    image_size=32, flip=flip))  # fmt: skip
+        images = torch.cat([b.images for b in items if isinstance(b, Batch)])
+        red_minus_blue = images[:, 0] - images[:, 2]  # normalised; > 0 where red dominates
+        left, right = red_minus_blue[..., :8].mean(dim=(1, 2)), red_minus_blue[..., -8:].mean(dim=(1, 2))
+        decisive = (left - right).abs() > 0.5  # the random crop may hold one half only
+        assert len(images) == 64 and int(decisive.sum()) >= 32
+        return int((decisive & (left < right)).sum()), int(decisive.sum())
+
+    assert mirrored(flip=False)[0] == 0
+    flipped, seen = mirrored(flip=True)
+    assert 0.2 * seen <= flipped <= 0.8 * seen  # fair coin flips

@@ -44,13 +44,30 @@ def test_recipes_by_dataset(tmp_path):
 
 
 def test_small_stem_keeps_resolution_and_bn_buffers_are_found():
-    r = recipe.TrainingRecipe("resnet18", 32, small_stem=True)
+    r = recipe.TrainingRecipe("resnet18", 32)
     model = recipe.build_model(r, 10)
     assert model(torch.zeros(2, 3, 32, 32)).shape == (2, 10)
     assert len(recipe.batchnorm_buffers(model)) == 2 * 20  # 20 BatchNorm layers in a ResNet-18
     groups = recipe.param_groups(model, 5e-4)
     assert sum(len(g["params"]) for g in groups) == len(list(model.parameters()))
     assert all(p.ndim == 1 for p in groups[1]["params"])
+
+
+@pytest.mark.parametrize(
+    ("size", "stem", "last_map"), [(32, "cifar", 4), (48, "small", 3), (64, "small", 4), (224, "imagenet", 7)]
+)
+def test_model_stem_follows_the_training_resolution_for_any_dataset(tmp_path, size, stem, last_map):
+    """A class-per-folder dataset (no recipe of its own) at 32 px gets the small-image stem, not
+    ImageNet's, which would leave 1x1 feature maps; the last block always sees at least 3x3."""
+    m = make_shard_set(tmp_path, {"train": (1, 2)})
+    m.layout, m.dataset = "folder", "my-digits"
+    r = recipe.training_recipe(m, image_size=size)
+    assert r.stem == stem
+    model = recipe.build_model(r, 10).eval()
+    features = {}
+    model.layer4.register_forward_hook(lambda module, args, out: features.update(out=out))
+    assert model(torch.zeros(1, 3, size, size)).shape == (1, 10)
+    assert features["out"].shape[-2:] == (last_map, last_map)
 
 
 def test_checkpoint_round_trip_and_identity_checks(tmp_path):

@@ -378,9 +378,11 @@ def train_stream(
     split: str = "train",
     options: LoaderOptions | None = None,
     image_size: int | None = None,
+    flip: bool = True,
 ) -> ShardStream:
-    """The training stream over `feed`, with the manifest's recipe, class count and per-shard sample
-    counts (filled into refs that lack them, so truncated shards are noticed)."""
+    """The training stream over `feed`, with the manifest's recipe (`flip=False`: no horizontal flips),
+    class count and per-shard sample counts (filled into refs that lack them, so truncated shards are
+    noticed)."""
     counts = {s.name: s.num_samples for s in manifest.split(split).shards}
 
     def with_counts() -> Iterator[ShardRef]:
@@ -392,7 +394,7 @@ def train_stream(
 
     return ShardStream(
         with_counts(),
-        recipe_for(manifest, image_size),
+        recipe_for(manifest, image_size, flip=flip),
         options,
         train=True,
         num_classes=manifest.num_classes or None,

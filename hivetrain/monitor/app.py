@@ -11,6 +11,7 @@ import hivemind
 
 from ..dht import make_dht, visible_addresses
 from ..metrics import MetricsRecords
+from ..options import LOOPBACK_MADDR
 from .aggregate import MonitorOptions, RunMonitor, shard_lists_of
 from .server import MonitorServer
 
@@ -31,7 +32,7 @@ def monitoring(
     *,
     run_id: str,
     initial_peers: Sequence[str] = (),
-    host_maddrs: Sequence[str] = ("/ip4/127.0.0.1/tcp/0",),
+    host_maddrs: Sequence[str] = (LOOPBACK_MADDR,),
     host: str = "127.0.0.1",
     port: int = 8080,
     shards: str | None = None,

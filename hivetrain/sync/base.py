@@ -1,0 +1,119 @@
+"""What every synchronisation strategy is given, what it offers the training loop, and what it counts."""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Any, Protocol
+
+import hivemind
+import torch
+from hivemind.compression import (
+    CompressionBase,
+    Float16Compression,
+    NoCompression,
+    SizeAdaptiveCompression,
+    Uniform8BitQuantization,
+)
+
+from ..options import COMPRESSIONS, SyncOptions
+
+
+def compression(name: str) -> CompressionBase:
+    """The hivemind codec for `--compression`: none, fp16, or 8bit (uniform 8-bit quantisation of every
+    tensor part of at least 64 Ki values, fp16 for the small ones: biases, BatchNorm, the tail part)."""
+    if name == "none":
+        return NoCompression()
+    if name == "fp16":
+        return Float16Compression()
+    if name == "8bit":
+        return SizeAdaptiveCompression(
+            1 << 16, less=Float16Compression(), greater_equal=Uniform8BitQuantization()
+        )
+    raise ValueError(f"unknown compression {name!r}; choose one of {', '.join(COMPRESSIONS)}")
+
+
+@dataclass(frozen=True)
+class SyncContext:
+    """Everything a strategy needs from the peer that builds it.
+
+    Attributes:
+        dht, run_id: the run's DHT and name (strategies prefix their DHT keys with it).
+        model: the model being trained (on its device).
+        param_groups: the optimizer's parameter groups (weight decay split as the recipe says).
+        inner_optimizer: builds the local optimizer from parameter groups (the recipe's SGD).
+        lr_schedule: the learning-rate multiplier as a function of the global step.
+        batchnorm: BatchNorm running statistics, averaged with the model.
+        batch: samples per local step; target_global_bsz: samples across all peers per global step.
+        options: the user's `SyncOptions`.
+    """
+
+    dht: hivemind.DHT
+    run_id: str
+    model: torch.nn.Module
+    param_groups: list[dict]
+    inner_optimizer: Callable[..., torch.optim.Optimizer]
+    lr_schedule: Callable[[int], float]
+    batchnorm: Sequence[torch.Tensor]
+    batch: int
+    target_global_bsz: int
+    options: SyncOptions
+
+    def compression(self) -> CompressionBase:
+        return compression(self.options.compression)
+
+
+@dataclass
+class SyncStats:
+    """Counters of a strategy, for metrics: rounds, and seconds the training loop spent waiting on them."""
+
+    rounds: int = 0
+    failed_rounds: int = 0
+    wait_s: float = 0.0
+    last_round_s: float | None = None
+    _lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
+
+    def add_wait(self, seconds: float) -> None:
+        with self._lock:
+            self.wait_s += seconds
+
+
+class Synchronizer(Protocol):
+    """What the training loop calls, whatever the strategy (`hivetrain.sync.make`)."""
+
+    mode: str
+    stats: SyncStats
+
+    def step(self, batch_size: int) -> None:
+        """Called after `loss.backward()` with the batch's size: update the model, maybe synchronise."""
+
+    def zero_grad(self) -> None:
+        """Drop the gradients of a skipped batch."""
+
+    @property
+    def global_step(self) -> int:
+        """The run's progress in global batches (`target_global_bsz` samples across all peers)."""
+
+    @property
+    def lr(self) -> float:
+        """The learning rate of the local optimizer now."""
+
+    @property
+    def num_peers(self) -> int:
+        """Training peers visible in the run (this one included)."""
+
+    def catch_up(self) -> None:
+        """Before the first step: take the run's current state from peers when the run is ahead."""
+
+    def finish(self) -> None:
+        """After the last step: leave the model in the state the run agrees on."""
+
+    def state_dict(self) -> dict[str, Any]:
+        """What a checkpoint keeps of the strategy (merged into the checkpoint's top level)."""
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Resume from a checkpoint's contents."""
+
+    def shutdown(self) -> None:
+        """Stop background work and leave the averaging groups."""
