@@ -174,18 +174,7 @@ def build(
             )
             skipped += listing.skipped + built.skipped
             result_splits[split] = Split(built.shards, labeled=labeled)
-            reports.append(
-                SplitReport(
-                    split,
-                    len(listing.records),
-                    samples=sum(s.num_samples for s in built.shards),
-                    shards=len(built.shards),
-                    bytes=sum(s.size for s in built.shards),
-                    skipped=len(listing.skipped) + built.skipped_now,
-                    converted=built.converted,
-                    resumed_shards=built.resumed_shards,
-                )
-            )
+            reports.append(built.report(split, listing))
 
         definition = datasets.match(source.layout, len(source.classes))
         manifest = Manifest(
@@ -275,6 +264,18 @@ class _BuiltSplit(NamedTuple):
     skipped_now: int
     converted: int
     resumed_shards: int
+
+    def report(self, split: str, listing: Listing) -> SplitReport:
+        return SplitReport(
+            split,
+            len(listing.records),
+            samples=sum(s.num_samples for s in self.shards),
+            shards=len(self.shards),
+            bytes=sum(s.size for s in self.shards),
+            skipped=len(listing.skipped) + self.skipped_now,
+            converted=self.converted,
+            resumed_shards=self.resumed_shards,
+        )
 
 
 def _build_split(
