@@ -5,57 +5,46 @@ The pipeline, per split:
 1. List every record (sources/), sorted by canonical source name: the filesystem's order never matters.
 2. Shuffle the list with `random.Random(f"{seed}/{split}")`, so every shard mixes classes; `--limit`
    keeps a prefix of it.
-3. Check and normalise images in worker processes (images.py), in that fixed order (`imap`), while this
-   process packs the results into shards by size (writer.ShardWriter). Workers return only what
-   changed: an image kept byte-for-byte is read again here from the page cache, which costs less than
-   sending it through a pipe (and checked again if the file changed in between). Because the order is
-   fixed before any work starts, the shards are bit-identical whatever `--workers` is.
-4. After each shard is renamed into place, a line goes into the journal `OUT/.shardtool-build/journal.jsonl`
-   (shard entry, record range, skipped files). A rerun of the same command checks the finished shards
-   (size and sha256) and continues from the first unfinished record; a different input or different
-   options refuse to mix with it. manifest.json is written last, atomically.
+3. Check and normalise images in worker processes (check.py, images.py), in that fixed order, while this
+   process packs the results into shards by size (writer.ShardWriter). Because the order is fixed
+   before any work starts, the shards are bit-identical whatever `--workers` is.
+4. After each shard is renamed into place, it is recorded in the journal (journal.py). A rerun of the
+   same command checks the finished shards (size and sha256) and continues from the first unfinished
+   record; a different input or different options refuse to mix with it. manifest.json is written
+   last, atomically.
 """
 
 from __future__ import annotations
 
 import contextlib
 import errno
-import functools
-import gc
 import hashlib
-import itertools
 import json
 import logging
-import multiprocessing
 import os
 import random
 import re
-import signal
 import time
 from concurrent.futures import Future, ThreadPoolExecutor
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import NamedTuple
 
 import PIL
 from tqdm import tqdm
 
 from . import __version__, datasets
+from .check import Checked, checking, reread
 from .errors import BuildError
-from .fsutil import atomic_write_text, fsync_dir
-from .images import BadImage, ImageOptions, encode_pixels, normalise
+from .images import ImageOptions
+from .journal import Entry, Journal, remove_stale_temps, remove_unfinished, shard_name
 from .manifest import MANIFEST_NAME, Manifest, Shard, Split
-from .sources import PixelData, Record, SourceOptions, Stamp, open_source
-from .verify import verify_shard
+from .sources import Listing, Record, Source, SourceOptions, open_source
 from .writer import ShardWriter
 
 log = logging.getLogger(__name__)
 
-JOURNAL_DIR = ".shardtool-build"
-JOURNAL = "journal.jsonl"
-_SHARD_FILE = re.compile(r"([a-z][a-z0-9_]*)-(\d{6})\.tar")
-_TEMP_FILE = re.compile(r"\.[a-z][a-z0-9_]*-\d{6}\.tar\..*\.tmp")
 _MAX_LOGGED_SKIPS = 20
-_BATCH = 64  # records per worker task
 _JSON = json.JSONEncoder(sort_keys=True, separators=(",", ":"))  # compact and canonical sample metadata
 
 
@@ -90,9 +79,17 @@ class BuildOptions:
     strict: bool = False
 
 
-@dataclass
+@dataclass(frozen=True)
 class SplitReport:
-    """What happened to one split."""
+    """What happened to one split.
+
+    Attributes:
+        listed: records the layout listed (before `--limit`).
+        samples, shards, bytes: what the split's shards hold, including those kept from before.
+        skipped: files skipped while listing, and while checking in this run.
+        converted: images re-encoded in this run.
+        resumed_shards: finished shards an interrupted run left, checked and kept.
+    """
 
     name: str
     listed: int
@@ -158,23 +155,26 @@ def build(
     orders = {split: _order(listing.records, split, options) for split, listing in listings.items()}
     notes = _compare_with_definition(source, listings)
     build_info = _build_info(source.layout, options)
-    fingerprint = _fingerprint(build_info, orders)
     with _write_errors(out):
-        _remove_stale_temps(out)
-        journal = _Journal.open(out, fingerprint, build_info, overwrite=overwrite)
-
+        remove_stale_temps(out)
+        journal = Journal.open(
+            out, fingerprint=_fingerprint(build_info, orders), build_info=build_info, overwrite=overwrite
+        )
         skipped: list[dict[str, str]] = []
         reports, result_splits = [], {}
         for split in splits:
-            skipped += listings[split].skipped
-            report = SplitReport(split, len(listings[split].records))
-            shards, split_skipped = _build_split(
-                split, orders[split], out, options, source.unlabeled, journal, report, progress
+            listing, labeled = listings[split], split not in source.unlabeled
+            built = _build_split(
+                orders[split],
+                split=split,
+                labeled=labeled,
+                journal=journal,
+                options=options,
+                progress=progress,
             )
-            skipped += split_skipped
-            report.skipped += len(listings[split].skipped)
-            result_splits[split] = Split(shards, labeled=split not in source.unlabeled)
-            reports.append(report)
+            skipped += listing.skipped + built.skipped
+            result_splits[split] = Split(built.shards, labeled=labeled)
+            reports.append(built.report(split, listing))
 
         definition = datasets.match(source.layout, len(source.classes))
         manifest = Manifest(
@@ -238,7 +238,7 @@ def _fingerprint(build_info: dict, orders: dict[str, list[Record]]) -> str:
     return digest.hexdigest()
 
 
-def _compare_with_definition(source, listings) -> list[str]:
+def _compare_with_definition(source: Source, listings: dict[str, Listing]) -> list[str]:
     """Notes on images missing compared with the known dataset this looks like (none if it is no known one)."""
     definition = datasets.match(source.layout, len(source.classes))
     if definition is None:
@@ -256,133 +256,93 @@ def _compare_with_definition(source, listings) -> list[str]:
 # ---- one split --------------------------------------------------------------------------------------
 
 
-def _check(record: Record, options: ImageOptions) -> tuple:
-    """Worker side: (ext, new bytes or None, source stamp, width, height, converted, skip reason).
+class _BuiltSplit(NamedTuple):
+    """The shards of one split (those kept from before first) and what this run did."""
 
-    The stamp (see `Stamp`) is taken before the read: the packer matches it against one taken after its
-    own read of a file kept as it is, so bytes that changed after this check are never stored unchecked.
-    """
-    if isinstance(record.data, PixelData):
-        d = record.data
-        return "png", encode_pixels(d.pixels, d.width, d.height), (), d.width, d.height, None, None
-    try:
-        data, stamp = record.data.read_stamped(stamp_first=True)
-    except OSError as e:
-        return None, None, (), 0, 0, None, f"cannot read ({e.strerror or e})"
-    return _judge(record, data, stamp, options)
+    shards: list[Shard]
+    skipped: list[dict[str, str]]  # files skipped in the shards' ranges, from before and from this run
+    skipped_now: int
+    converted: int
+    resumed_shards: int
 
-
-def _judge(record: Record, data: bytes, stamp: Stamp, options: ImageOptions) -> tuple:
-    try:
-        n = normalise(data, record.declared, options)
-    except BadImage as e:
-        return None, None, stamp, 0, 0, None, str(e)
-    return n.ext, n.data, stamp, n.width, n.height, n.converted, None
+    def report(self, split: str, listing: Listing) -> SplitReport:
+        return SplitReport(
+            split,
+            len(listing.records),
+            samples=sum(s.num_samples for s in self.shards),
+            shards=len(self.shards),
+            bytes=sum(s.size for s in self.shards),
+            skipped=len(listing.skipped) + self.skipped_now,
+            converted=self.converted,
+            resumed_shards=self.resumed_shards,
+        )
 
 
-def _reread(record: Record, result: tuple, options: ImageOptions) -> tuple[bytes | None, tuple]:
-    """Packer side, for a file a worker kept as it is: its bytes read again (from the page cache, which
-    costs less than sending them through a pipe), and the result to use.
-
-    A file that vanished or changed since the worker checked it is checked again here, as it is now:
-    skipped with a reason, or stored with the bytes just read, never with bytes nobody checked.
-    """
-    try:
-        data, stamp = record.data.read_stamped(stamp_first=False)
-    except OSError as e:
-        reason = f"cannot read ({e.strerror or e}) since it was checked: changed during the build"
-        return None, (None, None, (), 0, 0, None, reason)
-    if stamp == result[2]:
-        return data, result
-    log.warning("%s changed since a worker checked it: checking it again", record.location)
-    result = _judge(record, data, stamp, options)
-    return (result[1] if result[1] is not None else data), result
-
-
-# Set once in each worker process by `_worker_init` (the parent never sets it): the records to check, which
-# a forked worker inherits, so tasks are bare indices and no record is pickled.
-_worker_records: tuple[list[Record], ImageOptions] | None = None
-
-
-def _worker_init(records: list[Record], options: ImageOptions) -> None:
-    global _worker_records
-    _worker_records = records, options
-    signal.signal(signal.SIGINT, signal.SIG_IGN)  # the parent handles Ctrl-C and stops the pool
-    signal.signal(signal.SIGTERM, signal.SIG_DFL)
-
-
-def _check_range(span: tuple[int, int]) -> list[tuple]:
-    """Check records[start:end]: one task and one result message per batch, not per image."""
-    records, options = _worker_records
-    return [_check(records[i], options) for i in range(*span)]
-
-
-def _build_split(split, records, out, options, unlabeled, journal, report, progress):
-    """Write the shards of one split, resuming after the ones the journal lists; (shards, skipped)."""
-    done = journal.verified_shards(split, out)
-    start = done[-1]["end"] if done else 0
-    report.resumed_shards = len(done)
-    _remove_stale(out, split, len(done))
-    labeled = split not in unlabeled
+def _build_split(
+    records: list[Record],
+    *,
+    split: str,
+    labeled: bool,
+    journal: Journal,
+    options: BuildOptions,
+    progress: bool,
+) -> _BuiltSplit:
+    """Write the shards of one split from its shuffled records, resuming after those the journal lists."""
+    out = journal.out
+    done = journal.finished(split)
+    start = done[-1].end if done else 0
+    remove_unfinished(out, split, len(done))
     todo = records[start:]
     bar = tqdm(total=len(records), initial=start, desc=split, unit="img", disable=not progress or None)
-    pool = None
-    if options.workers > 0 and todo:
-        gc.freeze()  # forked workers share the record list: keep their garbage collector off its pages
-        pool = multiprocessing.get_context("fork").Pool(
-            options.workers, initializer=_worker_init, initargs=(todo, options.image)
-        )
-        gc.unfreeze()
-        spans = ((i, min(i + _BATCH, len(todo))) for i in range(0, len(todo), _BATCH))
-        results = itertools.chain.from_iterable(pool.imap(_check_range, spans))
-    else:
-        results = map(functools.partial(_check, options=options.image), todo)
-    packer = _Packer(split, out, options, journal, start, len(done))
-    bytes_in, last_post, t0 = 0, 0.0, time.monotonic()
-    try:
-        for i, (record, result) in enumerate(zip(todo, results), start):
-            data = result[1]
-            if data is None and result[6] is None:  # kept as it is: read it again here
-                data, result = _reread(record, result, options.image)
-            ext, _, _, width, height, converted, reason = result
-            bar.update(1)
-            if reason is not None:
-                if options.strict:
-                    raise BuildError(f"{record.location}: {reason} (--strict)")
-                if report.skipped < _MAX_LOGGED_SKIPS:
-                    log.warning("skipped %s: %s", record.location, reason)
-                packer.skipped.append({"path": record.location, "reason": reason})
-                report.skipped += 1
-                continue
-            report.converted += converted is not None
-            meta = {"source": record.source, "width": width, "height": height}
-            fields = {ext: data}
-            if labeled:
-                fields["cls"] = b"%d" % record.label
-                meta["wnid"] = record.wnid
-            fields["json"] = _JSON.encode(meta).encode()
-            packer.add(i, record.key, fields)
-            bytes_in += len(data)
-            now = time.monotonic()
-            if progress and now - last_post > 0.5:
-                bar.set_postfix_str(f"{bytes_in / 1e6 / max(now - t0, 1e-9):.1f} MB/s", refresh=False)
-                last_post = now
-        finished = packer.finish(len(records))
-    finally:
-        packer.abort()
-        if pool is not None:
-            pool.terminate()
-            pool.join()
-        bar.close()
-        _remove_stale(out, split, packer.number)  # temp files of a shard the interruption caught half-made
-    shards = [Shard(**e["shard"]) for e in done] + [shard for shard, _ in finished]
-    skipped = [s for e in done for s in e["skipped"]] + [s for _, skips in finished for s in skips]
-    if not shards:
+    skipped_now = converted = bytes_in = 0
+    last_post, t0 = 0.0, time.monotonic()
+    with checking(todo, workers=options.workers, image=options.image) as checks:
+        packer = _Packer(journal, split=split, options=options, start=start, number=len(done))
+        try:
+            for i, (record, checked) in enumerate(zip(todo, checks), start):
+                if checked.kept_as_is:
+                    checked = reread(record, checked, options.image)
+                bar.update(1)
+                if checked.skip is not None:
+                    if options.strict:
+                        raise BuildError(f"{record.location}: {checked.skip} (--strict)")
+                    if skipped_now < _MAX_LOGGED_SKIPS:
+                        log.warning("skipped %s: %s", record.location, checked.skip)
+                    packer.skip({"path": record.location, "reason": checked.skip})
+                    skipped_now += 1
+                    continue
+                converted += checked.converted is not None
+                packer.add(i, record.key, _sample(record, checked, labeled=labeled))
+                bytes_in += len(checked.data)
+                now = time.monotonic()
+                if progress and now - last_post > 0.5:
+                    bar.set_postfix_str(f"{bytes_in / 1e6 / max(now - t0, 1e-9):.1f} MB/s", refresh=False)
+                    last_post = now
+            entries = done + packer.finish(len(records))
+        finally:
+            packer.abort()
+            bar.close()
+            remove_unfinished(out, split, packer.number)  # a shard the interruption caught half-made
+    if not entries:
         raise BuildError(f"split {split!r}: all {len(records)} images were skipped (see the messages above)")
-    report.samples = sum(s.num_samples for s in shards)
-    report.shards = len(shards)
-    report.bytes = sum(s.size for s in shards)
-    return shards, skipped
+    return _BuiltSplit(
+        shards=[e.shard for e in entries],
+        skipped=[s for e in entries for s in e.skipped],
+        skipped_now=skipped_now,
+        converted=converted,
+        resumed_shards=len(done),
+    )
+
+
+def _sample(record: Record, checked: Checked, *, labeled: bool) -> dict[str, bytes]:
+    """The fields of a sample: the image, its class index (labeled splits) and its metadata."""
+    meta = {"source": record.source, "width": checked.width, "height": checked.height}
+    fields = {checked.ext: checked.data}
+    if labeled:
+        fields["cls"] = b"%d" % record.label
+        meta["wnid"] = record.wnid
+    fields["json"] = _JSON.encode(meta).encode()
+    return fields
 
 
 MAX_CLOSING = 2
@@ -394,18 +354,23 @@ class _Packer:
 
     A full shard is closed on a background thread (final flush, fsync, rename, journal line) so that its
     disk sync overlaps the filling of the next one; the journal still gets the shards in order.
+
+    Args:
+        journal: where finished shards are recorded; the shards go into its folder.
+        start: the index (in the split's order) of the first record to pack.
+        number: the number of the first shard to write.
     """
 
     def __init__(
-        self, split: str, out: Path, options: BuildOptions, journal: _Journal, start: int, number: int
+        self, journal: Journal, *, split: str, options: BuildOptions, start: int = 0, number: int = 0
     ):
-        self.split, self.out, self.options, self.journal = split, out, options, journal
+        self.journal, self.split, self.options = journal, split, options
         self.start, self.number = start, number
         self.writer: ShardWriter | None = None
         self.bytes = 0
         self.skipped: list[dict[str, str]] = []
         self._closer = ThreadPoolExecutor(1, thread_name_prefix="shard-close")
-        self._closing: list[tuple[Future, list[dict[str, str]]]] = []
+        self._closing: list[Future[Entry]] = []
         self._settled = 0  # closes before this index have finished and been checked
 
     def add(self, index: int, key: str, fields: dict[str, bytes]) -> None:
@@ -416,32 +381,45 @@ class _Packer:
         ):
             self._close(index)
         if self.writer is None:
-            self.writer = ShardWriter(self.out / f"{self.split}-{self.number:06d}.tar")
+            self.writer = ShardWriter(self.journal.out / shard_name(self.split, self.number))
             self.number += 1
         self.writer.write(key, fields)
         self.bytes += size
+
+    def skip(self, entry: dict[str, str]) -> None:
+        """Record a skipped file; it is journalled with the shard that holds the records around it."""
+        self.skipped.append(entry)
 
     def _close(self, end: int) -> None:
         # Closes finish in order. Take the results of those done (a failed close raises here, not at the
         # end), and wait while MAX_CLOSING are pending: packing small shards outruns their fsyncs, and
         # an unbounded queue made Ctrl-C wait for every queued sync (tens of seconds on a busy disk).
         while self._settled < len(self._closing):
-            future = self._closing[self._settled][0]
+            future = self._closing[self._settled]
             if not future.done() and len(self._closing) - self._settled < MAX_CLOSING:
                 break
             future.result()
             self._settled += 1
-        job = self._closer.submit(self.journal.finish, self.split, self.writer, self.start, end, self.skipped)
-        self._closing.append((job, self.skipped))
+        self._closing.append(
+            self._closer.submit(self._finish_shard, self.writer, self.start, end, self.skipped)
+        )
         self.writer, self.start, self.bytes, self.skipped = None, end, 0, []
 
-    def finish(self, end: int) -> list[tuple[Shard, list[dict[str, str]]]]:
-        """Close the last shard and wait for every close; [(shard, files skipped in its range)]."""
+    def _finish_shard(
+        self, writer: ShardWriter, start: int, end: int, skipped: list[dict[str, str]]
+    ) -> Entry:
+        """Background: close the shard (renaming it into place), then journal it."""
+        entry = Entry(self.split, writer.close(), start, end, skipped)
+        self.journal.append(entry)
+        return entry
+
+    def finish(self, end: int) -> list[Entry]:
+        """Close the last shard and wait for every close; the journal entries of the shards written."""
         if self.writer is not None:
             self._close(end)
         elif self.skipped and self._closing:  # cannot happen: a shard only closes when a sample follows
             raise BuildError(f"split {self.split!r}: skipped files after the last shard were not recorded")
-        return [(future.result(), skips) for future, skips in self._closing]
+        return [future.result() for future in self._closing]
 
     def abort(self) -> None:
         """Drop an unfinished shard; let closes already started complete (each is a finished shard)."""
@@ -454,130 +432,3 @@ class _Packer:
 def _tar_size(fields: dict[str, bytes]) -> int:
     """Bytes a sample adds to a tar: a 512-byte header per member plus data padded to 512."""
     return sum(512 + (len(v) + 511) // 512 * 512 for v in fields.values())
-
-
-def _remove_stale(out: Path, split: str, first_unfinished: int) -> None:
-    """Delete temp files of `split`, and its shards numbered from `first_unfinished` on (an interrupted run's)."""
-    for path in out.iterdir():
-        m = _SHARD_FILE.fullmatch(path.name)
-        if (m and m.group(1) == split and int(m.group(2)) >= first_unfinished) or (
-            _TEMP_FILE.fullmatch(path.name) and path.name.startswith(f".{split}-")
-        ):
-            log.debug("removing %s left by an interrupted build", path)
-            path.unlink()
-
-
-def _remove_stale_temps(out: Path) -> None:
-    """Delete the temp files of a manifest or journal write that a kill interrupted."""
-    for pattern in (f".{MANIFEST_NAME}.*.tmp", f"{JOURNAL_DIR}/.{JOURNAL}.*.tmp"):
-        for path in out.glob(pattern):
-            log.debug("removing %s left by an interrupted build", path)
-            path.unlink()
-
-
-# ---- the journal ------------------------------------------------------------------------------------
-
-
-class _Journal:
-    """Finished shards of a build in progress, one JSON line each, after a header line with the fingerprint.
-
-    A line is appended (and fsynced) only after its shard has been renamed into place, so every line names a
-    complete shard; a line cut short by a kill is ignored.
-    """
-
-    def __init__(self, path: Path, entries: list[dict]):
-        self.path = path
-        self.entries = entries
-
-    @classmethod
-    def open(cls, out: Path, fingerprint: str, build_info: dict, *, overwrite: bool) -> _Journal:
-        folder = out / JOURNAL_DIR
-        path = folder / JOURNAL
-        if overwrite:
-            _clear(out)
-        header, entries = cls._read(path)
-        if header is not None and header.get("fingerprint") != fingerprint:
-            raise BuildError(
-                f"{out}: holds a build of different input or options "
-                "(use a new --out, or --overwrite to replace it)"
-            )
-        if header is None:
-            if out.is_dir() and any(
-                p.name == MANIFEST_NAME or _SHARD_FILE.fullmatch(p.name) for p in out.iterdir()
-            ):
-                raise BuildError(
-                    f"{out}: already holds shards or a manifest that this build did not write "
-                    "(use a new --out, or --overwrite to replace them)"
-                )
-            folder.mkdir(parents=True, exist_ok=True)
-            atomic_write_text(path, json.dumps({"fingerprint": fingerprint, "build": build_info}) + "\n")
-        return cls(path, entries)
-
-    @staticmethod
-    def _read(path: Path) -> tuple[dict | None, list[dict]]:
-        try:
-            lines = path.read_text(encoding="utf-8").split("\n")
-        except FileNotFoundError:
-            return None, []
-        parsed = []
-        for line in lines:
-            try:
-                parsed.append(json.loads(line))
-            except ValueError:
-                break  # an empty last line, or one cut short by a kill
-        if not parsed:
-            return None, []
-        return parsed[0], parsed[1:]
-
-    def verified_shards(self, split: str, out: Path) -> list[dict]:
-        """The journal's shards of `split` that still check out, in order; stops at the first that does not."""
-        good = []
-        for entry in (e for e in self.entries if e["split"] == split):
-            shard = Shard(**entry["shard"])
-            expected_start = good[-1]["end"] if good else 0
-            problem = (
-                "out of order"
-                if entry["start"] != expected_start or shard.name != (f"{split}-{len(good):06d}.tar")
-                else verify_shard(out / shard.name, shard)
-            )
-            if problem:
-                log.warning("%s: %s; writing it again", out / shard.name, problem)
-                break
-            good.append(entry)
-        if good:
-            log.info("resuming %s: %d finished shards check out", split, len(good))
-        if len(good) < sum(e["split"] == split for e in self.entries):
-            self._rewrite([e for e in self.entries if e["split"] != split] + good)
-        return good
-
-    def finish(self, split: str, writer: ShardWriter, start: int, end: int, skipped: list[dict]) -> Shard:
-        """Close `writer` (renaming the shard into place), then record it."""
-        shard = writer.close()
-        entry = {"split": split, "shard": asdict(shard), "start": start, "end": end, "skipped": skipped}
-        with open(self.path, "a", encoding="utf-8") as f:
-            f.write(json.dumps(entry) + "\n")
-            f.flush()
-            os.fsync(f.fileno())
-        self.entries.append(entry)
-        return shard
-
-    def _rewrite(self, entries: list[dict]) -> None:
-        header = self.path.read_text(encoding="utf-8").split("\n", 1)[0]
-        atomic_write_text(self.path, "\n".join([header, *(json.dumps(e) for e in entries)]) + "\n")
-        self.entries = entries
-
-
-def _clear(out: Path) -> None:
-    """Remove what a build writes into `out` (shards, temp files, manifest, journal), and nothing else."""
-    if not out.is_dir():
-        return
-    for path in out.iterdir():
-        if path.name == MANIFEST_NAME or _SHARD_FILE.fullmatch(path.name) or _TEMP_FILE.fullmatch(path.name):
-            path.unlink()
-    journal = out / JOURNAL_DIR
-    if journal.is_dir():
-        for path in journal.iterdir():
-            path.unlink()
-        journal.rmdir()
-    with contextlib.suppress(OSError):
-        fsync_dir(out)

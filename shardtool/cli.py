@@ -14,6 +14,7 @@ import click
 from . import __version__
 from .cliutil import friendly_group, on_signals, setup_logging, stop_on_signals, with_verbosity
 from .errors import ShardtoolError
+from .sources.layouts import LAYOUTS
 
 
 @click.group(cls=friendly_group(ShardtoolError), context_settings={"help_option_names": ["-h", "--help"]})
@@ -33,15 +34,21 @@ def cli(verbose: int, quiet: int) -> None:
 
 # ---- build and inspect: build, synth, verify, info ----------------------------------------------
 
-_LAYOUTS = ("imagenet", "imagenet-archives", "tiny-imagenet", "cifar10", "folder")
+_LAYOUT_HELP = "\b\nLayouts (--layout), in the order detection tries them:\n" + "\n".join(
+    f"  {layout.name:<18} {layout.expects}" for layout in LAYOUTS
+)
 
 
-@cli.command()
+@cli.command(epilog=_LAYOUT_HELP)
 @click.argument("src", type=click.Path(file_okay=False, path_type=Path))
 @click.option(
     "--out", "-o", required=True, type=click.Path(file_okay=False, path_type=Path), help="Output folder."
 )
-@click.option("--layout", type=click.Choice(_LAYOUTS), help="Force a layout instead of detecting it.")
+@click.option(
+    "--layout",
+    type=click.Choice([layout.name for layout in LAYOUTS]),
+    help="Force a layout instead of detecting it (see below).",
+)
 @click.option(
     "--split", "splits", multiple=True, help="Build only this split (repeatable); 'test' for Tiny-ImageNet."
 )

@@ -176,16 +176,17 @@ def test_an_interrupted_build_waits_for_few_shard_closes(tmp_path, monkeypatch):
     """Packing small shards outruns their fsyncs: the closes queued when Ctrl-C comes must stay few, or
     the interrupted build sits waiting for every queued sync (seen: over 30 s on a busy disk)."""
     from shardtool import build as build_module
+    from shardtool.journal import Journal
 
-    journal = build_module._Journal.open(tmp_path, "fingerprint", {}, overwrite=False)
-    finish = journal.finish
+    journal = Journal.open(tmp_path, fingerprint="fingerprint", build_info={}, overwrite=False)
+    append = journal.append
 
-    def slow_finish(*args):
+    def slow_append(entry):
         time.sleep(0.05)  # a slow fsync
-        return finish(*args)
+        return append(entry)
 
-    monkeypatch.setattr(journal, "finish", slow_finish)
-    packer = build_module._Packer("train", tmp_path, BuildOptions(max_per_shard=1), journal, 0, 0)
+    monkeypatch.setattr(journal, "append", slow_append)
+    packer = build_module._Packer(journal, split="train", options=BuildOptions(max_per_shard=1))
     for i in range(40):
         packer.add(i, f"k{i:03d}", {"cls": b"%d" % i})
     started = time.monotonic()
@@ -194,4 +195,5 @@ def test_an_interrupted_build_waits_for_few_shard_closes(tmp_path, monkeypatch):
     assert took < 0.05 * build_module.MAX_CLOSING + 0.2, f"abort waited {took:.2f} s"
     closed = sorted(p.name for p in tmp_path.glob("train-*.tar"))
     assert closed == [f"train-{n:06d}.tar" for n in range(len(closed))] and len(closed) >= 37
-    assert [e["shard"]["name"] for e in build_module._Journal._read(journal.path)[1]] == closed
+    journalled = [json.loads(line) for line in journal.path.read_text().splitlines()[1:]]
+    assert [e["shard"]["name"] for e in journalled] == closed

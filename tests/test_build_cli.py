@@ -14,9 +14,10 @@ import subprocess
 import pytest
 from click.testing import CliRunner
 
-from shardtool.build import BuildOptions, build
+from shardtool.build import BuildOptions, _order, build
 from shardtool.cli import cli as cli_group
 from shardtool.manifest import load
+from shardtool.sources import open_source
 from shardtool.verify import verify_shard
 from tests import datagen
 from tests.util import BIN, cli, wait_until
@@ -192,9 +193,15 @@ def test_strict_prints_no_traceback(tmp_path):
 
 def test_ctrl_c_prints_no_traceback(tmp_path, children):
     content = datagen.imagenet_content(num_classes=2, per_class=150, val_images=0, awkward_files=False)
-    for files in content.train.values():  # CMYK: every image is re-encoded, so the one shard fills slowly
+    for files in content.train.values():  # CMYK: every image is re-encoded, its new bytes sent back
         files[:] = [(name, datagen.awkward("cmyk", i), "cmyk") for i, (name, _, _) in enumerate(files)]
     datagen.imagenet_tree(tmp_path / "src", content)
+    # A fifo in place of the 100th image in build order: its check blocks until Ctrl-C, so the build is
+    # still running, with a shard being written, when the signal comes, however fast this machine is.
+    order = _order(open_source(tmp_path / "src").listing("train").records, "train", BuildOptions())
+    blocking = tmp_path / "src" / order[100].source
+    blocking.unlink()
+    os.mkfifo(blocking)
     out = tmp_path / "out"
     proc = children.start(
         BIN / "shardtool",

@@ -15,7 +15,8 @@ import numpy as np
 
 from ..errors import LayoutError
 from ..manifest import ClassInfo
-from . import Listing, PixelData, Record, Source, SourceOptions, finish, rel
+from .records import Listing, PixelData, Record, Source, SourceOptions
+from .scan import finish, rel
 
 NAME = "cifar10"
 FOLDER = "cifar-10-batches-py"

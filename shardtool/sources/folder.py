@@ -13,29 +13,18 @@ from pathlib import Path
 
 from ..errors import BuildError, LayoutError
 from ..manifest import ClassInfo
-from . import (
-    IMAGE_EXTENSIONS,
-    FileData,
-    Listing,
-    Record,
-    Source,
-    SourceOptions,
-    finish,
-    key_for,
-    rel,
-    require_images,
-    scan_images,
-)
 from .imagenet import wordnet_lemmas
+from .records import Listing, Source, SourceOptions
+from .scan import IMAGE_EXTENSIONS, file_record, finish, loose_files, require_images, scan_images, subdirs
 
 NAME = "folder"
 SPLITS = ("train", "val", "test")
 
 
 def _subdirs(folder: Path) -> list[str]:
+    """The folders in `folder`; none where it cannot be listed (detection probes folders of any layout)."""
     try:
-        with os.scandir(folder) as it:
-            return sorted(e.name for e in it if e.is_dir() and not e.name.startswith("."))
+        return subdirs(folder)
     except OSError:
         return []
 
@@ -80,16 +69,8 @@ def open_source(root: Path, options: SourceOptions) -> Source:
                     )
                 paths, bad = scan_images(folder / name, root, recursive=True)
                 skipped += bad
-                records += [
-                    Record(key_for(p.name), rel(p.path, root), index[name], name, FileData(p.path))
-                    for p in paths
-                ]
-            with os.scandir(folder) as it:
-                skipped += [
-                    {"path": rel(Path(e.path), root), "reason": "not in a class folder"}
-                    for e in it
-                    if not e.is_dir() and not e.name.startswith(".")
-                ]
+                records += [file_record(p, root, index[name], name) for p in paths]
+            skipped += loose_files(folder, root)
             require_images(records, skipped, folder, split)
             return finish(records, skipped)
 

@@ -32,21 +32,8 @@ from types import SimpleNamespace
 
 from ..errors import BuildError, LayoutError
 from ..manifest import ClassInfo
-from . import (
-    WNID,
-    FileData,
-    ImageFile,
-    Listing,
-    MemberData,
-    Record,
-    Source,
-    SourceOptions,
-    finish,
-    key_for,
-    rel,
-    require_images,
-    scan_images,
-)
+from .records import Listing, MemberData, Record, Source, SourceOptions
+from .scan import file_record, finish, key_for, loose_files, rel, require_images, scan_images, subdirs
 
 log = logging.getLogger(__name__)
 
@@ -58,6 +45,7 @@ KAGGLE_DATA = Path("ILSVRC", "Data", "CLS-LOC")
 KAGGLE_VAL_SOLUTION = "LOC_val_solution.csv"
 SYNSET_MAPPING = "LOC_synset_mapping.txt"
 _VAL_NUMBER = re.compile(r"ILSVRC2012_val_(\d{8})")
+WNID = re.compile(r"n\d{8}")
 
 
 # ---- class names ------------------------------------------------------------------------------------
@@ -250,11 +238,6 @@ def _has(folder: Path, predicate) -> bool:
         return False
 
 
-def _subdirs(folder: Path) -> list[str]:
-    with os.scandir(folder) as it:
-        return sorted(e.name for e in it if e.is_dir() and not e.name.startswith("."))
-
-
 def _open_tree(root: Path, options: SourceOptions) -> Source:
     data = _data_root(root)
     if data is None:
@@ -263,9 +246,9 @@ def _open_tree(root: Path, options: SourceOptions) -> Source:
         )
     train, val = data / "train", data / "val"
     if train.is_dir():
-        wnids = _subdirs(train)
-    elif val.is_dir() and _subdirs(val):
-        wnids = _subdirs(val)
+        wnids = subdirs(train)
+    elif val.is_dir() and subdirs(val):
+        wnids = subdirs(val)
     else:
         wnids = sorted({w for w in _val_wnids_from_labels(root, val, options)})
     classes = class_infos(wnids, root)
@@ -276,29 +259,31 @@ def _open_tree(root: Path, options: SourceOptions) -> Source:
         for wnid in wnids:
             paths, bad = scan_images(train / wnid, root)
             skipped += bad
-            for found in paths:
-                source = f"train/{wnid}/{found.name}"
-                records.append(_file_record(found, source, index[wnid], wnid, root))
-        skipped += _loose_files(train, root)
+            records += [
+                file_record(p, root, index[wnid], wnid, source=f"train/{wnid}/{p.name}") for p in paths
+            ]
+        skipped += loose_files(train, root)
         require_images(records, skipped, train, "train")
         return finish(records, skipped)
 
     def list_val() -> Listing:
         records, skipped = [], []
-        folders = _subdirs(val)
+        folders = subdirs(val)
         if folders:
             for wnid in folders:
                 if wnid not in index:
                     raise BuildError(f"{val / wnid}: unknown wnid {wnid!r} (no such class in {train})")
                 paths, bad = scan_images(val / wnid, root)
                 skipped += bad
-                records += [_file_record(p, f"val/{p.name}", index[wnid], wnid, root) for p in paths]
-            skipped += _loose_files(val, root)
+                records += [file_record(p, root, index[wnid], wnid, source=f"val/{p.name}") for p in paths]
+            skipped += loose_files(val, root)
         else:
             paths, skipped = scan_images(val, root)
             paths.sort(key=lambda p: p.name)
             labels = label_val([(p.name, rel(p.path, root)) for p in paths], index, root, options)
-            records = [_file_record(p, f"val/{p.name}", i, wnid, root) for p, (wnid, i) in zip(paths, labels)]
+            records = [
+                file_record(p, root, i, wnid, source=f"val/{p.name}") for p, (wnid, i) in zip(paths, labels)
+            ]
         require_images(records, skipped, val, "val")
         return finish(records, skipped)
 
@@ -316,22 +301,6 @@ def _val_wnids_from_labels(root: Path, val: Path, options: SourceOptions) -> lis
     _, label = val_labeler(root, options)
     names = sorted(p.name for p in paths)
     return [w for i, n in enumerate(names) if (w := label(os.path.splitext(n)[0], i))]
-
-
-def _file_record(found: ImageFile, source: str, label: int, wnid: str, root: Path) -> Record:
-    where = rel(found.path, root)
-    return Record(
-        key_for(found.name), source, label, wnid, FileData(found.path), None if where == source else where
-    )
-
-
-def _loose_files(folder: Path, root: Path) -> list[dict[str, str]]:
-    with os.scandir(folder) as it:
-        return [
-            {"path": rel(Path(e.path), root), "reason": "not in a class folder"}
-            for e in it
-            if not e.is_dir() and not e.name.startswith(".")
-        ]
 
 
 # ---- the original archives ----------------------------------------------------------------------------

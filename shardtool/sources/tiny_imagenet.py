@@ -11,24 +11,12 @@
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 
 from ..errors import BuildError, LayoutError
 from ..manifest import ClassInfo
-from . import (
-    FileData,
-    ImageFile,
-    Listing,
-    Record,
-    Source,
-    SourceOptions,
-    finish,
-    key_for,
-    rel,
-    require_images,
-    scan_images,
-)
+from .records import Listing, Source, SourceOptions
+from .scan import file_record, finish, rel, require_images, scan_images, subdirs
 
 NAME = "tiny-imagenet"
 ANNOTATIONS = Path("val", "val_annotations.txt")
@@ -63,15 +51,13 @@ def open_source(root: Path, options: SourceOptions) -> Source:
 
     def list_train() -> Listing:
         records, skipped = [], []
-        with os.scandir(train) as it:
-            folders = sorted(e.name for e in it if e.is_dir() and not e.name.startswith("."))
-        for wnid in folders:
+        for wnid in subdirs(train):
             if wnid not in index:
                 raise BuildError(f"{train / wnid}: unknown wnid {wnid!r} (not in {wnids_file})")
             images = train / wnid / "images"
             paths, bad = scan_images(images, root) if images.is_dir() else ([], [])
             skipped += bad
-            records += [_record(p, root, index[wnid], wnid) for p in paths]
+            records += [file_record(p, root, index[wnid], wnid) for p in paths]
         require_images(records, skipped, train, "train")
         return finish(records, skipped)
 
@@ -83,13 +69,13 @@ def open_source(root: Path, options: SourceOptions) -> Source:
             wnid = labels.get(p.name)
             if wnid is None:
                 raise BuildError(f"{root / ANNOTATIONS}: no label for {rel(p.path, root)}")
-            records.append(_record(p, root, index[wnid], wnid))
+            records.append(file_record(p, root, index[wnid], wnid))
         require_images(records, skipped, root / "val" / "images", "val")
         return finish(records, skipped)
 
     def list_test() -> Listing:
         paths, skipped = scan_images(root / "test" / "images", root)
-        records = [Record(key_for(p.name), rel(p.path, root), None, None, FileData(p.path)) for p in paths]
+        records = [file_record(p, root, None, None) for p in paths]
         require_images(records, skipped, root / "test" / "images", "test")
         return finish(records, skipped)
 
@@ -100,10 +86,6 @@ def open_source(root: Path, options: SourceOptions) -> Source:
         listers["test"] = list_test
     default = tuple(s for s in ("train", "val") if s in listers)
     return Source(NAME, root, classes, listers, default, unlabeled=frozenset({"test"}))
-
-
-def _record(found: ImageFile, root: Path, label: int, wnid: str) -> Record:
-    return Record(key_for(found.name), rel(found.path, root), label, wnid, FileData(found.path))
 
 
 def _annotations(path: Path, index: dict[str, int]) -> dict[str, str]:
