@@ -22,6 +22,7 @@ from shardtool.errors import FetchError, ShardtoolError
 from shardtool.manifest import load
 from shardtool.transport import FetchOptions, HttpOptions, fetch_shard, fetch_shards, select_shards
 from shardtool.transport.http import HttpFetcher
+from shardtool.transport.routes import order_routes
 from shardtool.transport.serve import ShardServer
 from tests.faulty_http import Faults, FaultyMirror
 from tests.shardset import make_shard_set
@@ -88,6 +89,22 @@ def test_select_shards_errors(shard_dir, spec, message):
     shards = load(shard_dir).split("train").shards
     with pytest.raises(ShardtoolError, match=message.replace("(", r"\(").replace(")", r"\)")):
         select_shards(shards, spec)
+
+
+# ---- the route order ---------------------------------------------------------------------------
+
+
+def test_route_order():
+    """auto: the swarm first for a selection, HTTP first for one shard on demand; only routes that exist."""
+    assert order_routes("auto", http=True, torrent=True) == ("torrent", "http")
+    assert order_routes("auto", http=True, torrent=True, on_demand=True) == ("http", "torrent")
+    assert order_routes("auto", http=False, torrent=True, on_demand=True) == ("torrent",)
+    assert order_routes("auto", http=True, torrent=False) == ("http",)
+    assert order_routes("http", http=True, torrent=True) == ("http",)
+    assert order_routes("torrent", http=True, torrent=True, on_demand=True) == ("torrent",)
+    assert order_routes("torrent", http=True, torrent=False) == ()
+    with pytest.raises(ValueError, match="via must be one of"):
+        order_routes("ftp", http=True, torrent=True)
 
 
 # ---- the CLI against real servers -------------------------------------------------------------
@@ -285,6 +302,12 @@ def test_no_good_source_fails_with_every_reason(shard_dir, tmp_path):
     assert f"{bad.url}val-000000.tar: sha256 mismatch" in message
     assert f"{empty.url}val-000000.tar: HTTP 404" in message
     assert not (tmp_path / "val-000000.tar").exists()  # never an unverified file under the final name
+    # the same, for programs: no need to take the message apart
+    assert err.value.shard == "val-000000.tar" and message == f"val-000000.tar: {err.value.reason}"
+    assert [(f.source, f.reason.split(" (")[0]) for f in err.value.failures] == [
+        (f"{bad.url}val-000000.tar", "sha256 mismatch"),
+        (f"{empty.url}val-000000.tar", "HTTP 404"),
+    ]
 
 
 # ---- fetch_shard, the API the shard cache uses --------------------------------------------------

@@ -95,6 +95,14 @@ def fetch_from_swarm(
     return result
 
 
+def can_find_peers(torrent: bytes, options: TorrentOptions) -> bool:
+    """Has a fetch of `torrent` any way to reach its swarm: peers, trackers, DHT or LSD, or web seeds
+    written in the .torrent?"""
+    meta = lt.bdecode(torrent)
+    finders = options.peers or options.trackers or options.dht or options.lsd
+    return bool(finders or meta.get(b"announce") or meta.get(b"url-list"))
+
+
 class _SwarmFetch:
     """The alert loop of one fetch (one session, one torrent)."""
 
