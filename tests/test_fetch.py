@@ -6,10 +6,10 @@ for the faults (corrupt bytes, cut and stalled bodies, 5xx, ignored Range).
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import http.server
 import json
-import os
 import signal
 import subprocess
 import threading
@@ -147,24 +147,32 @@ def test_fetch_from_python_http_server(shard_dir, tmp_path):
     assert same_files(shard_dir, tmp_path, finals(tmp_path))
 
 
+@contextlib.contextmanager
+def fetch_from_a_slow_mirror(directory: Path, out: Path, rate: float, **popen):
+    """A `shardtool fetch` process reading `directory` from a mirror that sends `rate` bytes a second;
+    killed on the way out if it is still running."""
+    with FaultyMirror(directory, Faults(rate=rate)) as slow:
+        proc = subprocess.Popen(
+            [BIN / "shardtool", "fetch", directory / "manifest.json", "--out", out, "--from", slow.url],
+            **popen,
+        )
+        try:
+            yield proc
+        finally:
+            proc.kill()
+            proc.wait()
+
+
 def test_resume_after_fetch_killed_mid_file(big_dir, tmp_path):
     """Kill -9 during a download; the next fetch asks for the rest with Range and verifies the whole."""
     name = shard_names(big_dir)[0]
     size = (big_dir / name).stat().st_size
     part = tmp_path / ".shardtool-partial" / f"{name}.part"
-    with FaultyMirror(big_dir, Faults(rate=2e6)) as slow:
-        proc = subprocess.Popen(
-            [BIN / "shardtool", "fetch", big_dir / "manifest.json", "--out", tmp_path, "--from", slow.url],
-            stdout=subprocess.DEVNULL,
-            stderr=subprocess.DEVNULL,
+    quiet = {"stdout": subprocess.DEVNULL, "stderr": subprocess.DEVNULL}
+    with fetch_from_a_slow_mirror(big_dir, tmp_path, 2e6, **quiet):
+        wait_until(
+            lambda: part.exists() and part.stat().st_size > 1_000_000, timeout=30, what="a partial file"
         )
-        try:
-            wait_until(
-                lambda: part.exists() and part.stat().st_size > 1_000_000, timeout=30, what="a partial file"
-            )
-        finally:
-            os.kill(proc.pid, signal.SIGKILL)
-            proc.wait()
     kept = part.stat().st_size
     assert 1_000_000 < kept < size and not (tmp_path / name).exists()
 
@@ -181,20 +189,12 @@ def test_resume_after_fetch_killed_mid_file(big_dir, tmp_path):
 def test_ctrl_c_stops_at_once_and_keeps_the_partial_file(big_dir, tmp_path):
     name = shard_names(big_dir)[0]
     part = tmp_path / ".shardtool-partial" / f"{name}.part"
-    with FaultyMirror(big_dir, Faults(rate=1e6)) as slow:
-        proc = subprocess.Popen(
-            [BIN / "shardtool", "fetch", big_dir / "manifest.json", "--out", tmp_path, "--from", slow.url],
-            stdout=subprocess.PIPE,
-            stderr=subprocess.PIPE,
-            text=True,
-        )
-        try:
-            wait_until(lambda: part.exists() and part.stat().st_size > 0, timeout=30, what="a partial file")
-            proc.send_signal(signal.SIGINT)
-            stopped = time.monotonic()
-            assert proc.wait(timeout=10) == 130
-        finally:
-            proc.kill()
+    piped = {"stdout": subprocess.PIPE, "stderr": subprocess.PIPE, "text": True}
+    with fetch_from_a_slow_mirror(big_dir, tmp_path, 1e6, **piped) as proc:
+        wait_until(lambda: part.exists() and part.stat().st_size > 0, timeout=30, what="a partial file")
+        proc.send_signal(signal.SIGINT)
+        stopped = time.monotonic()
+        assert proc.wait(timeout=10) == 130
     assert time.monotonic() - stopped < 5  # not after the 8 s the download would still take
     assert proc.stderr.read().strip().endswith("interrupted")
     assert part.exists() and not (tmp_path / name).exists()
