@@ -24,9 +24,9 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from shardtool.errors import FetchError
-from shardtool.fsutil import sha256_file
 from shardtool.manifest import Manifest, Shard
 from shardtool.transport import fetch_shard
+from shardtool.verify import verify_shard
 
 from .errors import DataError
 
@@ -152,21 +152,18 @@ class ShardCache:
 
     def _check(self, path: Path, shard: Shard) -> bool:
         """Size always; sha256 the first time this process sees the file. A bad copy is removed."""
-        try:
-            if path.stat().st_size != shard.size:
-                return False
-        except OSError:
-            return False
+        if verify_shard(path, shard, sha256=False) is not None:
+            return False  # missing or cut short (a fetch puts a whole copy in its place)
         with self._lock:
             if path in self._verified:
                 return True
-        if sha256_file(path) != shard.sha256:
+        if problem := verify_shard(path, shard):
             if path.parent == self.directory:
-                log.warning("%s: sha256 does not match the manifest; fetching it again", path)
+                log.warning("%s: %s; fetching it again", path, problem)
                 with contextlib.suppress(OSError):
                     path.unlink()
             else:
-                log.warning("%s: sha256 does not match the manifest; not using it", path)
+                log.warning("%s: %s; not using it", path, problem)
             return False
         with self._lock:
             self._verified.add(path)

@@ -79,11 +79,14 @@ class ClaimFeed:
                 self.cache.unpin(claim.shard)
                 failures = self._failures[claim.shard] = self._failures.get(claim.shard, 0) + 1
                 if failures < self.max_failures:
-                    log.warning("giving %s back to the run (failure %d): %s", claim.shard, failures, e)
+                    log.warning("giving %s back to the run (failure %d): %s", claim.shard, failures, e.reason)
                     self.assigner.release(claim)
                 else:
                     log.error(
-                        "skipping %s in epoch %d: no source has good bytes: %s", claim.shard, claim.epoch, e
+                        "skipping %s in epoch %d: no source has good bytes: %s",
+                        claim.shard,
+                        claim.epoch,
+                        e.reason,
                     )
                     self.unavailable.append(claim.shard)
                     self.assigner.complete(claim, 0)

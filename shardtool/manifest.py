@@ -144,7 +144,7 @@ class Manifest:
     @property
     def base_dir(self) -> Path | None:
         """The local folder the manifest was loaded from (shards sit beside it), if it is local."""
-        if self.origin is None or _is_url(self.origin):
+        if self.origin is None or is_url(self.origin):
             return None
         return Path(self.origin).parent
 
@@ -223,7 +223,7 @@ def load(location: str | os.PathLike, *, timeout: float = 30.0) -> Manifest:
     so `hivetrain run --shards http://host:8080/manifest.json` streams from the server that served it.
     """
     location = os.fspath(location)
-    if _is_url(location):
+    if is_url(location):
         return _load_url(location, timeout)
     path = Path(location)
     if path.is_dir():
@@ -240,7 +240,8 @@ def load(location: str | os.PathLike, *, timeout: float = 30.0) -> Manifest:
     return Manifest.from_json(data, origin=str(path))
 
 
-def _is_url(location: str) -> bool:
+def is_url(location: str) -> bool:
+    """Is `location` an http(s) URL (rather than a local path)? The one test every module uses."""
     return location.startswith(("http://", "https://"))
 
 
@@ -385,7 +386,7 @@ class _Parser:
         if not isinstance(http, list):
             raise self.fail("sources.http must be a list of URLs")
         for url in http:
-            if not isinstance(url, str) or not _is_url(url):
+            if not isinstance(url, str) or not is_url(url):
                 raise self.fail(f"sources.http: {url!r:.80} is not an http(s) URL")
         torrents = {}
         for split, t in self.obj(raw.get("torrents", {}), "sources.torrents").items():

@@ -1,8 +1,10 @@
-"""Checking shards against their manifest: size, sha256, and sample count.
+"""THE shard check: size, sha256, and sample count against the manifest.
 
-`verify_shard` is the check every consumer runs (build on resume, fetch, the hivetrain cache): size first
-(free, and it catches the usual failure, a cut-off download), then sha256. `count_samples` reads the tar's
-headers (not its data) and counts samples the way webdataset groups them; `shardtool verify` runs both.
+`verify_shard` is the check every consumer runs (build on resume, fetch and seed, the hivetrain cache):
+size first (free, and it catches the usual failure, a cut-off download), then sha256, which a caller that
+trusts a file under a final name (it was verified before it was renamed there) leaves out with
+`sha256=False`. `count_samples` reads the tar's headers (not its data) and counts samples the way
+webdataset groups them; `shardtool verify` runs both (`check_shard`).
 """
 
 from __future__ import annotations
@@ -18,8 +20,13 @@ from .fsutil import sha256_file
 from .manifest import Manifest, Shard
 
 
-def verify_shard(path: str | os.PathLike, shard: Shard) -> str | None:
-    """None if the file at `path` has the shard's size and sha256, else what is wrong (one short phrase)."""
+def verify_shard(path: str | os.PathLike, shard: Shard, *, sha256: bool = True) -> str | None:
+    """None if the file at `path` has the shard's size and sha256, else what is wrong (one short phrase).
+
+    Args:
+        sha256: hash the file too; False checks the size only (for files that were verified before they
+            got their final name, where a size check catches what usually goes wrong: a truncated copy).
+    """
     try:
         size = os.stat(path).st_size
     except FileNotFoundError:
@@ -28,6 +35,8 @@ def verify_shard(path: str | os.PathLike, shard: Shard) -> str | None:
         return f"cannot read ({e.strerror})"
     if size != shard.size:
         return f"size {size} bytes, expected {shard.size}"
+    if not sha256:
+        return None
     try:
         digest = sha256_file(path)
     except OSError as e:

@@ -6,10 +6,10 @@ for the faults (corrupt bytes, cut and stalled bodies, 5xx, ignored Range).
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import http.server
 import json
-import os
 import signal
 import subprocess
 import threading
@@ -22,6 +22,7 @@ from shardtool.errors import FetchError, ShardtoolError
 from shardtool.manifest import load
 from shardtool.transport import FetchOptions, HttpOptions, fetch_shard, fetch_shards, select_shards
 from shardtool.transport.http import HttpFetcher
+from shardtool.transport.routes import order_routes
 from shardtool.transport.serve import ShardServer
 from tests.faulty_http import Faults, FaultyMirror
 from tests.shardset import make_shard_set
@@ -90,6 +91,22 @@ def test_select_shards_errors(shard_dir, spec, message):
         select_shards(shards, spec)
 
 
+# ---- the route order ---------------------------------------------------------------------------
+
+
+def test_route_order():
+    """auto: the swarm first for a selection, HTTP first for one shard on demand; only routes that exist."""
+    assert order_routes("auto", http=True, torrent=True) == ("torrent", "http")
+    assert order_routes("auto", http=True, torrent=True, on_demand=True) == ("http", "torrent")
+    assert order_routes("auto", http=False, torrent=True, on_demand=True) == ("torrent",)
+    assert order_routes("auto", http=True, torrent=False) == ("http",)
+    assert order_routes("http", http=True, torrent=True) == ("http",)
+    assert order_routes("torrent", http=True, torrent=True, on_demand=True) == ("torrent",)
+    assert order_routes("torrent", http=True, torrent=False) == ()
+    with pytest.raises(ValueError, match="via must be one of"):
+        order_routes("ftp", http=True, torrent=True)
+
+
 # ---- the CLI against real servers -------------------------------------------------------------
 
 
@@ -130,24 +147,32 @@ def test_fetch_from_python_http_server(shard_dir, tmp_path):
     assert same_files(shard_dir, tmp_path, finals(tmp_path))
 
 
+@contextlib.contextmanager
+def fetch_from_a_slow_mirror(directory: Path, out: Path, rate: float, **popen):
+    """A `shardtool fetch` process reading `directory` from a mirror that sends `rate` bytes a second;
+    killed on the way out if it is still running."""
+    with FaultyMirror(directory, Faults(rate=rate)) as slow:
+        proc = subprocess.Popen(
+            [BIN / "shardtool", "fetch", directory / "manifest.json", "--out", out, "--from", slow.url],
+            **popen,
+        )
+        try:
+            yield proc
+        finally:
+            proc.kill()
+            proc.wait()
+
+
 def test_resume_after_fetch_killed_mid_file(big_dir, tmp_path):
     """Kill -9 during a download; the next fetch asks for the rest with Range and verifies the whole."""
     name = shard_names(big_dir)[0]
     size = (big_dir / name).stat().st_size
     part = tmp_path / ".shardtool-partial" / f"{name}.part"
-    with FaultyMirror(big_dir, Faults(rate=2e6)) as slow:
-        proc = subprocess.Popen(
-            [BIN / "shardtool", "fetch", big_dir / "manifest.json", "--out", tmp_path, "--from", slow.url],
-            stdout=subprocess.DEVNULL,
-            stderr=subprocess.DEVNULL,
+    quiet = {"stdout": subprocess.DEVNULL, "stderr": subprocess.DEVNULL}
+    with fetch_from_a_slow_mirror(big_dir, tmp_path, 2e6, **quiet):
+        wait_until(
+            lambda: part.exists() and part.stat().st_size > 1_000_000, timeout=30, what="a partial file"
         )
-        try:
-            wait_until(
-                lambda: part.exists() and part.stat().st_size > 1_000_000, timeout=30, what="a partial file"
-            )
-        finally:
-            os.kill(proc.pid, signal.SIGKILL)
-            proc.wait()
     kept = part.stat().st_size
     assert 1_000_000 < kept < size and not (tmp_path / name).exists()
 
@@ -164,20 +189,12 @@ def test_resume_after_fetch_killed_mid_file(big_dir, tmp_path):
 def test_ctrl_c_stops_at_once_and_keeps_the_partial_file(big_dir, tmp_path):
     name = shard_names(big_dir)[0]
     part = tmp_path / ".shardtool-partial" / f"{name}.part"
-    with FaultyMirror(big_dir, Faults(rate=1e6)) as slow:
-        proc = subprocess.Popen(
-            [BIN / "shardtool", "fetch", big_dir / "manifest.json", "--out", tmp_path, "--from", slow.url],
-            stdout=subprocess.PIPE,
-            stderr=subprocess.PIPE,
-            text=True,
-        )
-        try:
-            wait_until(lambda: part.exists() and part.stat().st_size > 0, timeout=30, what="a partial file")
-            proc.send_signal(signal.SIGINT)
-            stopped = time.monotonic()
-            assert proc.wait(timeout=10) == 130
-        finally:
-            proc.kill()
+    piped = {"stdout": subprocess.PIPE, "stderr": subprocess.PIPE, "text": True}
+    with fetch_from_a_slow_mirror(big_dir, tmp_path, 1e6, **piped) as proc:
+        wait_until(lambda: part.exists() and part.stat().st_size > 0, timeout=30, what="a partial file")
+        proc.send_signal(signal.SIGINT)
+        stopped = time.monotonic()
+        assert proc.wait(timeout=10) == 130
     assert time.monotonic() - stopped < 5  # not after the 8 s the download would still take
     assert proc.stderr.read().strip().endswith("interrupted")
     assert part.exists() and not (tmp_path / name).exists()
@@ -285,6 +302,12 @@ def test_no_good_source_fails_with_every_reason(shard_dir, tmp_path):
     assert f"{bad.url}val-000000.tar: sha256 mismatch" in message
     assert f"{empty.url}val-000000.tar: HTTP 404" in message
     assert not (tmp_path / "val-000000.tar").exists()  # never an unverified file under the final name
+    # the same, for programs: no need to take the message apart
+    assert err.value.shard == "val-000000.tar" and message == f"val-000000.tar: {err.value.reason}"
+    assert [(f.source, f.reason.split(" (")[0]) for f in err.value.failures] == [
+        (f"{bad.url}val-000000.tar", "sha256 mismatch"),
+        (f"{empty.url}val-000000.tar", "HTTP 404"),
+    ]
 
 
 # ---- fetch_shard, the API the shard cache uses --------------------------------------------------

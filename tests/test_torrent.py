@@ -18,7 +18,7 @@ from pathlib import Path
 import libtorrent as lt
 import pytest
 
-from shardtool.errors import ShardtoolError, VerifyError
+from shardtool.errors import FetchError, ShardtoolError, VerifyError
 from shardtool.manifest import load
 from shardtool.transport import FetchOptions, fetch_shard, fetch_shards
 from shardtool.transport.http import HttpOptions
@@ -211,6 +211,23 @@ def test_fetch_shard_via_torrent_resumes_a_partial_file(seeded, tmp_path):
     other = manifest.split("train").shards[0]
     path = fetch_shard(manifest, other, tmp_path, via="torrent", peers=[seeder.address])
     assert path == tmp_path / other.name and same_files(root, tmp_path, [other.name])
+
+
+def test_fetch_shard_auto_reports_every_route_it_tried(tmp_path):
+    """On demand, auto tries the HTTP mirrors and then the torrent; the error says what each one did."""
+    root = build(tmp_path / "shards")
+    manifest = load(root)
+    shard = manifest.split("val").shards[0]
+    with FaultyMirror(root, Faults(corrupt={shard.name})) as bad, pytest.raises(FetchError) as err:
+        fetch_shard(manifest, shard, tmp_path / "out", mirrors=[bad.url], torrent_options=LOOPBACK)
+    url = bad.url + shard.name
+    assert [f.source for f in err.value.failures] == [url, "torrent"]
+    assert str(err.value) == (
+        f"{shard.name}: no source gave good bytes ({url}: sha256 mismatch (expected {shard.sha256[:12]}…)); "
+        f"torrent: {err.value.failures[1].reason}"
+    )
+    assert "no source left" in err.value.failures[1].reason  # no peer, tracker or web seed to ask
+    assert not (tmp_path / "out" / shard.name).exists()
 
 
 # ---- web seeds ---------------------------------------------------------------------------------

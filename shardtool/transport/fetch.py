@@ -1,14 +1,8 @@
-"""What `shardtool fetch` does: choose shards, get them from the torrent and/or HTTP mirrors, report.
+"""What `shardtool fetch` does: choose shards, get them over the routes of `routes.py`, report.
 
 `fetch_shard` is the one-shard entry point that hivetrain's cache calls; `fetch_shards` runs a whole
-selection with a progress bar and returns a `FetchSummary`. Sources, per `via`:
-
-- `http`: the mirrors given plus the manifest's HTTP base URLs, each shard from one of them (shards are
-  spread over mirrors by position; a failing mirror hands over to the next);
-- `torrent`: the split's torrent (peers, trackers, DHT, and the web seeds written in the .torrent);
-- `auto`: the torrent with every HTTP mirror added as a web seed, then plain HTTP for whatever the swarm
-  did not deliver; without a torrent, plain HTTP. For one shard on demand (`fetch_shard`), HTTP comes
-  first, since a direct ranged GET starts at once while a swarm needs peers.
+selection with a progress bar and returns a `FetchSummary`. Both take the routes `routes.order_routes`
+names for their `via` (HTTP mirrors, the split's torrent) and run them with `routes.run_routes`.
 """
 
 from __future__ import annotations
@@ -18,8 +12,8 @@ import logging
 import re
 import threading
 import time
-from collections.abc import Iterable, Sequence
-from concurrent.futures import FIRST_COMPLETED, ThreadPoolExecutor, wait
+from collections.abc import Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -27,14 +21,14 @@ from typing import Any
 from tqdm import tqdm
 
 from ..errors import FetchError, ManifestError, ShardtoolError
-from ..fsutil import atomic_write_bytes, atomic_write_text
-from ..manifest import MANIFEST_NAME, Manifest, Shard, human_bytes, load
-from .http import HttpFetcher, HttpOptions, Progress, ShardReport, verified_copy
-from .paths import base_url
+from ..fsutil import atomic_write_text
+from ..manifest import MANIFEST_NAME, Manifest, Shard, human_bytes, is_url, load
+from ..verify import verify_shard
+from .http import Progress
+from .options import FetchOptions, HttpOptions, TorrentOptions
+from .routes import VIAS, Delivered, http_sources, routes_for, run_routes
 
 log = logging.getLogger(__name__)
-
-VIAS = ("auto", "http", "torrent")
 
 
 # ---- choosing shards ---------------------------------------------------------------------------
@@ -82,20 +76,6 @@ def select_shards(shards: Sequence[Shard], spec: str | None) -> list[Shard]:
     return [shards[i] for i in sorted(chosen)]
 
 
-def http_sources(manifest: Manifest, mirrors: Iterable[str]) -> list[str]:
-    """The mirrors given first, then the manifest's HTTP sources; duplicates removed."""
-    seen: dict[str, None] = {}
-    for url in (*mirrors, *manifest.sources.http):
-        if not url.startswith(("http://", "https://")):
-            raise ShardtoolError(f"--from {url}: not an http(s) URL")
-        seen.setdefault(base_url(url), None)
-    return list(seen)
-
-
-def _rotated(items: list[str], k: int) -> list[str]:
-    return items[k % len(items) :] + items[: k % len(items)] if items else items
-
-
 # ---- one shard ---------------------------------------------------------------------------------
 
 
@@ -110,7 +90,7 @@ def fetch_shard(
     progress: Progress | None = None,
     trust_existing: bool = True,
     peers: Sequence[str] = (),
-    torrent_options: Any = None,
+    torrent_options: TorrentOptions | None = None,
 ) -> Path:
     """Obtain one verified shard at `dest_dir/<shard.name>` and return its path.
 
@@ -118,80 +98,39 @@ def fetch_shard(
     Nothing unverified ever sits under the final name. Safe to call from several threads and processes.
 
     Args:
-        via: "http", "torrent", or "auto" (HTTP mirrors first, then the torrent).
+        via: "http", "torrent", or "auto" (on demand: HTTP mirrors first, then the torrent).
         mirrors: extra HTTP base URLs, tried before the manifest's own.
+        timeout: HTTP connect/read timeout, and the swarm's stall timeout unless `torrent_options` say.
         peers: HOST:PORT BitTorrent peers for the torrent route.
-        torrent_options: a `TorrentOptions` for the torrent route (peers are added to it).
+        torrent_options: the torrent route's settings (`peers` are added to them).
 
     Raises:
-        FetchError: no source gave good bytes; the one-line message names each source's failure.
+        FetchError: no source gave good bytes; its `failures` name each source's (and so does the
+            one-line message).
     """
     if via not in VIAS:
         raise ValueError(f"via must be one of {VIAS}, not {via!r}")
     dest = Path(dest_dir)
     final = dest / shard.name
-    if verified_copy(final, shard, trust_existing=trust_existing):
+    if verify_shard(final, shard, sha256=not trust_existing) is None:
         return final
     split, _ = manifest.find_shard(shard.name)
-    problems = []
-    urls = http_sources(manifest, mirrors)
-    if via in ("http", "auto") and urls:
-        with HttpFetcher(HttpOptions(timeout=timeout)) as http:
-            try:
-                return http.fetch(shard, urls, dest, progress=progress, trust_existing=trust_existing).path
-            except FetchError as e:
-                problems.append(str(e))
-    if via in ("torrent", "auto") and split in manifest.sources.torrents:
-        from .swarm import fetch_from_swarm
-        from .torrent import TorrentOptions, read_torrent
-
-        options = torrent_options or TorrentOptions(stall_timeout=timeout)
-        options = dataclasses.replace(options, peers=(*options.peers, *peers))
-        try:
-            data = read_torrent(manifest, split, mirrors=mirrors, timeout=timeout)
-        except FetchError as e:
-            problems.append(str(e))
-        else:
-            result = fetch_from_swarm(
-                data,
-                manifest,
-                split,
-                [shard],
-                dest,
-                options,
-                progress=progress,
-                trust_existing=trust_existing,
-            )
-            if shard.name in result.done:
-                return result.done[shard.name]
-            problems.append(f"torrent: {result.failed.get(shard.name, 'not delivered')}")
-    if not problems:
-        raise FetchError(f"{shard.name}: no {'source' if via == 'auto' else via + ' source'} in the manifest")
-    raise FetchError(f"{shard.name}: " + "; ".join(p.removeprefix(f"{shard.name}: ") for p in problems))
+    torrent = torrent_options or TorrentOptions(stall_timeout=timeout)
+    options = FetchOptions(
+        via=via,
+        mirrors=tuple(mirrors),
+        jobs=1,
+        http=HttpOptions(timeout=timeout),
+        torrent=dataclasses.replace(torrent, peers=(*torrent.peers, *peers)),
+    )
+    routes = routes_for(manifest, split, options, on_demand=True)
+    outcome = run_routes(routes, [shard], dest, via=via, progress=progress, trust_existing=trust_existing)
+    if shard.name in outcome.done:
+        return outcome.done[shard.name].path
+    raise outcome.failed[shard.name]
 
 
 # ---- many shards -------------------------------------------------------------------------------
-
-
-@dataclass(frozen=True)
-class FetchOptions:
-    """How `fetch_shards` works.
-
-    Attributes:
-        via: "auto", "http" or "torrent" (see the module docstring).
-        mirrors: extra HTTP base URLs (`--from`).
-        jobs: shards downloaded at once over HTTP.
-        recheck: hash shards already present instead of trusting their size.
-        progress: show a progress bar on stderr (None: only on a terminal).
-    """
-
-    via: str = "auto"
-    mirrors: tuple[str, ...] = ()
-    jobs: int = 4
-    recheck: bool = False
-    progress: bool | None = None
-    http: HttpOptions = field(default_factory=HttpOptions)
-    torrent: Any = None  # TorrentOptions; typed loosely so that HTTP-only use never imports libtorrent
 
 
 @dataclass
@@ -296,14 +235,25 @@ def fetch_shards(
     bar = _Bar(
         sum(s.size for v in missing.values() for s in v), sum(map(len, missing.values())), options.progress
     )
+
+    def delivered(shard: Shard, got: Delivered) -> None:
+        summary.fetched[shard.name] = got.source
+        summary.bytes += got.downloaded
+        bar.shard_done()
+
     try:
         for split, todo in missing.items():
-            if options.via != "http" and split in manifest.sources.torrents:
-                todo = _from_swarm(manifest, split, todo, dest, options, urls, summary, bar)
-            if todo and options.via != "torrent":
-                _from_http(todo, dest, options, urls, summary, bar)
-            elif todo:
-                summary.failed.update((s.name, summary.failed.get(s.name, "not delivered")) for s in todo)
+            outcome = run_routes(
+                routes_for(manifest, split, options),
+                todo,
+                dest,
+                via=options.via,
+                progress=bar.update,
+                trust_existing=not options.recheck,
+                on_shard=delivered,
+            )
+            summary.problems += outcome.problems
+            summary.failed.update((name, e.reason) for name, e in outcome.failed.items())
     finally:
         bar.close()
     summary.seconds = time.monotonic() - start
@@ -313,149 +263,8 @@ def fetch_shards(
 def _missing(chosen: list[Shard], dest: Path, *, recheck: bool, jobs: int) -> list[Shard]:
     """The shards of `chosen` without a verified copy in `dest` (hashed in parallel with --recheck)."""
     with ThreadPoolExecutor(max(1, jobs)) as pool:
-        ok = list(pool.map(lambda s: verified_copy(dest / s.name, s, trust_existing=not recheck), chosen))
-    return [s for s, good in zip(chosen, ok) if not good]
-
-
-def _from_swarm(manifest, split, todo, dest, options, urls, summary, bar) -> list[Shard]:
-    """Fetch a split's shards from its torrent; returns those it did not deliver."""
-    from libtorrent import bdecode as lt_bdecode
-
-    from .swarm import fetch_from_swarm
-    from .torrent import TorrentOptions, read_torrent
-
-    try:
-        data = read_torrent(manifest, split, mirrors=options.mirrors, timeout=options.http.timeout)
-    except FetchError as e:
-        if options.via == "torrent":
-            summary.failed.update((s.name, str(e)) for s in todo)
-            return []
-        summary.problems.append(str(e))
-        return todo
-    torrent_path = dest / manifest.sources.torrents[split].file
-    if not torrent_path.exists() or torrent_path.read_bytes() != data:
-        atomic_write_bytes(torrent_path, data, fsync=False)
-    infohash = manifest.sources.torrents[split].infohash
-
-    def done(shard: Shard, path: Path) -> None:
-        summary.fetched[shard.name] = f"torrent:{infohash}"
-        summary.bytes += shard.size
-        bar.shard_done()
-
-    reported = 0
-
-    def progress(n: int) -> None:
-        nonlocal reported
-        reported += n
-        bar.update(n)
-
-    web_seeds = []
-    torrent_options = options.torrent or TorrentOptions()
-    if options.via == "auto":
-        web_seeds = _web_seeds(urls, manifest.sources.torrents[split].name, todo[0], options.http.timeout)
-        meta = lt_bdecode(data)
-        finders = (
-            torrent_options.peers or torrent_options.trackers or torrent_options.dht or torrent_options.lsd
-        )
-        if not (web_seeds or finders or meta.get(b"announce") or meta.get(b"url-list")):
-            log.info("%s: the torrent has no way to find peers here; fetching over HTTP", split)
-            return todo
-    result = fetch_from_swarm(
-        data,
-        manifest,
-        split,
-        todo,
-        dest,
-        torrent_options,
-        web_seeds=web_seeds,
-        progress=progress,
-        trust_existing=not options.recheck,
-        on_shard=done,
-    )
-    bar.update(-reported)  # the HTTP round, if any, counts its own bytes from here
-    bar.update(sum(s.size for s in todo if s.name in result.done))
-    summary.problems += result.problems
-    left = [s for s in todo if s.name not in result.done]
-    if options.via == "torrent":
-        summary.failed.update(
-            (s.name, f"torrent: {result.failed.get(s.name, 'not delivered')}") for s in left
-        )
-        return []
-    for s in left:
-        log.info("%s: %s; trying HTTP", s.name, result.failed.get(s.name, "not delivered by the swarm"))
-    return left
-
-
-def _web_seeds(urls: list[str], name: str, shard: Shard, timeout: float) -> list[str]:
-    """The mirrors that can act as web seeds: they serve `<name>/<shard>` and honour Range.
-
-    libtorrent stalls silently on a server that ignores Range, and a mirror without the torrent's
-    folder layout only produces errors; such mirrors are left to the plain HTTP round.
-    """
-    import httpx
-
-    usable = []
-    with httpx.Client(timeout=timeout) as client:
-        for url in urls:
-            try:
-                resp = client.get(f"{url}{name}/{shard.name}", headers={"Range": "bytes=0-0"})
-                ok = resp.status_code == 206 and len(resp.content) == 1
-            except httpx.HTTPError:
-                ok = False
-            if ok:
-                usable.append(url)
-            else:
-                log.info("%s: not used as a web seed (no %s/%s with Range support)", url, name, shard.name)
-    return usable
-
-
-def _completed(futures):
-    """as_completed, with a timeout on each wait so that Ctrl-C is noticed at once."""
-    pending = set(futures)
-    while pending:
-        finished, pending = wait(pending, timeout=0.5, return_when=FIRST_COMPLETED)
-        yield from finished
-
-
-def _from_http(todo, dest, options, urls, summary, bar) -> None:
-    if not urls:
-        summary.failed.update((s.name, summary.failed.get(s.name, "no HTTP source")) for s in todo)
-        return
-    with HttpFetcher(options.http) as http, ThreadPoolExecutor(max(1, options.jobs)) as pool:
-        futures = {
-            pool.submit(
-                http.fetch,
-                s,
-                _rotated(urls, i),
-                dest,
-                progress=bar.update,
-                trust_existing=not options.recheck,
-            ): s
-            for i, s in enumerate(todo)
-        }
-        try:
-            for future in _completed(futures):
-                _record(futures[future], future, dest, summary, bar)
-        except BaseException:  # Ctrl-C: stop the downloads in flight instead of waiting for them
-            http.stop()
-            pool.shutdown(cancel_futures=True)
-            raise
-
-
-def _record(shard: Shard, future, dest: Path, summary: FetchSummary, bar: _Bar) -> None:
-    try:
-        report: ShardReport = future.result()
-    except FetchError as e:
-        summary.failed[shard.name] = str(e).removeprefix(f"{shard.name}: ")
-        return
-    except OSError as e:
-        summary.failed[shard.name] = f"cannot write in {dest} ({e.strerror})"
-        return
-    summary.failed.pop(shard.name, None)
-    summary.fetched[shard.name] = report.source or "present"
-    summary.bytes += report.downloaded
-    summary.problems += [f"{shard.name}: {p}" for p in report.problems]
-    bar.shard_done()
+        problems = list(pool.map(lambda s: verify_shard(dest / s.name, s, sha256=recheck), chosen))
+    return [s for s, problem in zip(chosen, problems) if problem is not None]
 
 
 # ---- the destination folder --------------------------------------------------------------------
@@ -470,7 +279,7 @@ def prepare_destination(manifest: Manifest, dest: Path) -> None:
     """
     target = dest / MANIFEST_NAME
     origin = manifest.origin
-    if origin and not _is_url(origin) and Path(origin).resolve() == target.resolve():
+    if origin and not is_url(origin) and Path(origin).resolve() == target.resolve():
         return
     text = manifest.to_json()
     try:
@@ -483,7 +292,3 @@ def prepare_destination(manifest: Manifest, dest: Path) -> None:
         raise FetchError(f"{target}: describes other data ({existing.dataset}); choose another --out")
     dest.mkdir(parents=True, exist_ok=True)
     atomic_write_text(target, text, fsync=False)
-
-
-def _is_url(location: str) -> bool:
-    return location.startswith(("http://", "https://"))

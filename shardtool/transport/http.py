@@ -36,9 +36,11 @@ from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
-from ..errors import FetchError
-from ..fsutil import fsync_dir, sha256_file
+from ..errors import FetchError, SourceFailure
+from ..fsutil import fsync_dir
 from ..manifest import Shard, human_bytes
+from ..verify import verify_shard
+from .options import HttpOptions
 from .paths import partial_dir, shard_url
 
 log = logging.getLogger(__name__)
@@ -49,26 +51,6 @@ Progress = Callable[[int], None]
 MIN_PROGRESS = 64 << 10  # an attempt that got at least this much does not use up a retry
 READ_SIZE = 1 << 20  # most bytes asked of one read; a read returns what one recv() got
 MAX_CHUNKS = 512  # per writev (the system's limit is 1024)
-
-
-@dataclass(frozen=True)
-class HttpOptions:
-    """How hard to try each mirror.
-
-    Attributes:
-        timeout: seconds allowed for connecting and between two reads.
-        retries: further tries of one mirror after transient failures that brought no data.
-        backoff: first delay before a retry; doubled each time (with jitter) up to `max_backoff`.
-        batch: bytes received before they are handed to the helper thread to hash and write.
-        fsync: flush each shard to the disk before renaming it into place.
-    """
-
-    timeout: float = 30.0
-    retries: int = 4
-    backoff: float = 0.5
-    max_backoff: float = 15.0
-    batch: int = 4 << 20
-    fsync: bool = False
 
 
 @dataclass(frozen=True)
@@ -208,20 +190,6 @@ def shard_lock(dest: Path, name: str) -> Iterator[None]:
             fcntl.flock(f, fcntl.LOCK_UN)
 
 
-def verified_copy(path: Path, shard: Shard, *, trust_existing: bool = True) -> bool:
-    """Does `path` hold this shard? Size always; sha256 too unless `trust_existing`.
-
-    Files under a final name were verified before they were renamed there, so the size check catches
-    what usually goes wrong (a truncated copy); a full check is for when the disk itself is in doubt.
-    """
-    try:
-        if path.stat().st_size != shard.size:
-            return False
-    except OSError:
-        return False
-    return trust_existing or sha256_file(path) == shard.sha256
-
-
 class HttpFetcher:
     """Downloads shards from HTTP mirrors; one instance may be shared by the threads of a fetch."""
 
@@ -256,15 +224,16 @@ class HttpFetcher:
         """Place a verified copy of `shard` at `dest/<name>`, trying `mirrors` (base URLs) in order.
 
         Raises:
-            FetchError: no mirror gave good bytes; the message lists each mirror's failure.
+            FetchError: no mirror gave good bytes; its `failures` name each mirror's (and so does the
+                message).
         """
         final = dest / shard.name
         with shard_lock(dest, shard.name):
-            if verified_copy(final, shard, trust_existing=trust_existing):
+            if verify_shard(final, shard, sha256=not trust_existing) is None:
                 return ShardReport(shard.name, final, None)
             if not mirrors:
-                raise FetchError(f"{shard.name}: no HTTP source to fetch it from")
-            problems: list[str] = []
+                raise FetchError("no HTTP source to fetch it from", shard=shard.name)
+            failures: list[SourceFailure] = []
             for base in mirrors:
                 url = shard_url(base, shard.name)
                 partial = _Partial(partial_dir(dest) / f"{shard.name}.part", self.options.batch, progress)
@@ -275,7 +244,7 @@ class HttpFetcher:
                     partial.close(sync=self.options.fsync)
                 except _SourceFailed as e:
                     partial.close()
-                    problems.append(f"{url}: {e}")
+                    failures.append(SourceFailure(url, str(e)))
                     log.warning("%s: %s", url, e)
                     continue
                 except BaseException:
@@ -284,8 +253,10 @@ class HttpFetcher:
                 os.replace(partial.path, final)
                 if self.options.fsync:
                     fsync_dir(dest)
-                return ShardReport(shard.name, final, url, partial.received, resumed_from, tuple(problems))
-            raise FetchError(f"{shard.name}: no source gave good bytes ({'; '.join(problems)})")
+                problems = tuple(map(str, failures))
+                return ShardReport(shard.name, final, url, partial.received, resumed_from, problems)
+            reason = f"no source gave good bytes ({'; '.join(map(str, failures))})"
+            raise FetchError(reason, shard=shard.name, failures=failures)
 
     def _download(self, url: str, shard: Shard, partial: _Partial) -> None:
         """Complete `partial` from one mirror, retrying transient failures; verify it at the end.

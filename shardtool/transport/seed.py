@@ -26,8 +26,9 @@ import libtorrent as lt
 from tqdm import tqdm
 
 from ..errors import ShardtoolError, VerifyError
-from ..fsutil import atomic_write_text, sha256_file
+from ..fsutil import atomic_write_text
 from ..manifest import Manifest, Shard
+from ..verify import verify_shard
 from .torrent import TorrentOptions, check_torrent, connect_peers, file_indices, listen_address, open_session
 
 log = logging.getLogger(__name__)
@@ -133,15 +134,14 @@ class Seeder:
             raise ShardtoolError(f"{path}: missing (run `shardtool torrent` or fetch it again)") from None
         present, missing, stamps = [], [], {}
         for shard in self.manifest.split(split).shards:
+            local = self.directory / shard.name
             try:
-                st = (self.directory / shard.name).stat()
+                st = local.stat()
             except FileNotFoundError:
                 missing.append(shard.name)
                 continue
-            if st.st_size != shard.size:
-                raise VerifyError(
-                    f"{self.directory / shard.name}: {st.st_size} bytes, the manifest says {shard.size}"
-                )
+            if problem := verify_shard(local, shard, sha256=False):
+                raise VerifyError(f"{local}: {problem}")
             present.append(shard)
             stamps[shard.name] = [st.st_size, st.st_mtime_ns]
         index = file_indices(ti)
@@ -190,10 +190,7 @@ class Seeder:
         index = file_indices(seeded.ti)
         bad = []
         for shard in seeded.shards:
-            if (
-                progress[index[shard.name]] != shard.size
-                and sha256_file(self.directory / shard.name) != shard.sha256
-            ):
+            if progress[index[shard.name]] != shard.size and verify_shard(self.directory / shard.name, shard):
                 bad.append(shard.name)
         if bad:
             raise VerifyError(

@@ -39,7 +39,8 @@ import libtorrent as lt
 
 from ..fsutil import sha256_file
 from ..manifest import Manifest, Shard
-from .http import Progress, verified_copy
+from ..verify import verify_shard
+from .http import Progress
 from .paths import PARTIAL_DIR, base_url
 from .torrent import TorrentOptions, check_torrent, connect_peers, file_indices, open_session
 
@@ -76,14 +77,14 @@ def fetch_from_swarm(
 ) -> SwarmResult:
     """Download `shards` (all of one split) into `dest` from the torrent's swarm and web seeds.
 
-    Shards already present (see `verified_copy`) are not downloaded. Never raises for a shard that
-    could not be had: it is listed in `failed` with the reason.
+    Shards already present (by size; by sha256 too unless `trust_existing`) are not downloaded. Never
+    raises for a shard that could not be had: it is listed in `failed` with the reason.
     """
     result = SwarmResult()
     wanted = []
     for shard in shards:
         final = dest / shard.name
-        if verified_copy(final, shard, trust_existing=trust_existing):
+        if verify_shard(final, shard, sha256=not trust_existing) is None:
             result.done[shard.name] = final
         else:
             wanted.append(shard)
@@ -92,6 +93,14 @@ def fetch_from_swarm(
             torrent, manifest, split, wanted, dest, options, web_seeds, progress, on_shard, result
         ).run()
     return result
+
+
+def can_find_peers(torrent: bytes, options: TorrentOptions) -> bool:
+    """Has a fetch of `torrent` any way to reach its swarm: peers, trackers, DHT or LSD, or web seeds
+    written in the .torrent?"""
+    meta = lt.bdecode(torrent)
+    finders = options.peers or options.trackers or options.dht or options.lsd
+    return bool(finders or meta.get(b"announce") or meta.get(b"url-list"))
 
 
 class _SwarmFetch:

@@ -22,16 +22,16 @@ import ipaddress
 import logging
 import os
 from collections.abc import Sequence
-from dataclasses import dataclass
 from pathlib import Path
 
 import libtorrent as lt
 from tqdm import tqdm
 
 from .. import __version__
-from ..errors import FetchError, ShardtoolError, VerifyError
+from ..errors import FetchError, ShardtoolError, SourceFailure, VerifyError
 from ..fsutil import atomic_write_bytes
-from ..manifest import Manifest, Shard, TorrentInfo, load
+from ..manifest import Manifest, Shard, TorrentInfo, is_url, load
+from .options import TorrentOptions
 from .paths import base_url, default_torrent_name
 
 log = logging.getLogger(__name__)
@@ -39,32 +39,6 @@ log = logging.getLogger(__name__)
 MIN_PIECE = 256 << 10
 MAX_PIECE = 16 << 20
 TARGET_PIECES = 4096
-
-
-@dataclass(frozen=True)
-class TorrentOptions:
-    """Session settings for seeding and fetching.
-
-    Attributes:
-        listen: HOST:PORT to accept peers on (port 0: any free port).
-        dht, lsd: the DHT and local peer discovery (off: only trackers and given peers).
-        port_mapping: UPnP and NAT-PMP on the router.
-        trackers: announce URLs added to every torrent.
-        peers: HOST:PORT of peers to connect to directly.
-        utp: uTP as well as TCP; None means off on loopback (uTP there is ten times slower) and on elsewhere.
-        stall_timeout: a fetch gives up on its remaining shards after this long without data.
-        web_seed_failures: errors or bad pieces after which a fetch drops a web seed.
-    """
-
-    listen: str = "127.0.0.1:0"
-    dht: bool = False
-    lsd: bool = False
-    port_mapping: bool = False
-    trackers: tuple[str, ...] = ()
-    peers: tuple[str, ...] = ()
-    utp: bool | None = None
-    stall_timeout: float = 60.0
-    web_seed_failures: int = 3
 
 
 def parse_hostport(text: str, what: str = "address") -> tuple[str, int]:
@@ -266,14 +240,14 @@ def read_torrent(
     import httpx
 
     info = torrent_record(manifest, split)
-    problems = []
+    failures = []
     candidates: list[str] = []
     if manifest.base_dir is not None:
         candidates.append(str(manifest.base_dir / info.file))
     candidates += [base_url(m) + info.file for m in (*mirrors, *manifest.sources.http)]
     for where in candidates:
         try:
-            if where.startswith(("http://", "https://")):
+            if is_url(where):
                 resp = httpx.get(where, timeout=timeout, follow_redirects=True)
                 if resp.status_code != 200:
                     raise OSError(f"HTTP {resp.status_code}")
@@ -283,8 +257,9 @@ def read_torrent(
             check_torrent(data, manifest, split)
             return data
         except (OSError, httpx.HTTPError, FetchError) as e:
-            problems.append(f"{where}: {e}")
-    raise FetchError(f"torrent of split {split!r}: not found ({'; '.join(problems) or 'no source'})")
+            failures.append(SourceFailure(where, str(e)))
+    found = "; ".join(map(str, failures)) or "no source"
+    raise FetchError(f"torrent of split {split!r}: not found ({found})", failures=failures)
 
 
 def check_torrent(data: bytes, manifest: Manifest, split: str) -> lt.torrent_info:
