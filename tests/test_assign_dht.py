@@ -119,7 +119,7 @@ def peer(run_id, tmp_path):
 
     def make(dht, log: str | None = None, **kw):
         kw = dict(dict(run_id=run_id, lease_s=5, timing=FAST), **kw)
-        made.append(ShardAssigner(kw.pop("shards"), dht=dht, log_dir=log and tmp_path / log, **kw))
+        made.append(ShardAssigner(kw.pop("shards"), dht=dht, log_dir=log and tmp_path / log, **kw).start())
         return made[-1]
 
     yield make
@@ -299,7 +299,7 @@ def test_alone_then_unreachable_dht_still_covers_every_shard(tmp_path, caplog):
     dht = make_dht(run_id="alone", private_key=RSAPrivateKey())
     assigner = ShardAssigner(
         shards, dht=dht, run_id="alone", lease_s=5, max_epochs=1, log_dir=tmp_path, timing=FAST
-    )
+    ).start()
     try:
         assert assigner.single_peer
         assert "no other peer of this run is visible: reading every shard alone" in caplog.text
@@ -335,7 +335,7 @@ def _peer_main(argv: list[str]) -> None:
         max_epochs=1,
         log_dir=args.log_dir,
         timing=FAST,
-    )
+    ).start()
     consume(assigner, args.read, prefetch=args.prefetch, claims_log=args.log_dir / "claims.jsonl")
 
 
