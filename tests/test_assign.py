@@ -199,6 +199,20 @@ def test_claims_in_batches_are_handed_out_one_at_a_time():
     assigner.close()
 
 
+def test_nothing_happens_until_start(tmp_path, caplog):
+    caplog.set_level(logging.INFO, logger="hivetrain.assign")
+    assigner = ShardAssigner(NAMES, dht=None, run_id="solo", log_dir=tmp_path / "logs", max_epochs=1)
+    assert not (tmp_path / "logs").exists() and "single-peer mode" not in caplog.text
+    with pytest.raises(RuntimeError, match="start"):
+        assigner.next_claim(timeout=1)
+    with assigner:  # entering starts it
+        assert "single-peer mode" in caplog.text and assigner.single_peer and assigner.epoch == 0
+        assigner.complete(assigner.next_claim(timeout=1), samples=1)
+    assert len((tmp_path / "logs" / "shards.jsonl").read_text().splitlines()) == 1
+    with pytest.raises(RuntimeError, match="closed"):
+        assigner.start()
+
+
 def test_bad_arguments():
     with pytest.raises(ValueError, match="no shards"):
         ShardAssigner([], dht=None, run_id="r")

@@ -127,6 +127,21 @@ def peer(run_id, tmp_path):
         assigner.close()
 
 
+def test_a_peer_publishes_nothing_until_started(swarm, run_id):
+    key = f"{run_id}_shards"
+    assigner = ShardAssigner(names(4), dht=swarm[0], run_id=run_id, timing=FAST)
+    try:
+        assert swarm[1].get(key, latest=True) is None
+        assigner.start()
+        record = wait_until(
+            lambda: (v := swarm[1].get(key, latest=True)) and v.value.get(signing_key(swarm[0])),
+            what="the started peer's record",
+        )
+        assert record.value["peer"] == assigner.peer_id and record.value["claims"] == []
+    finally:
+        assigner.close()
+
+
 def test_stable_peers_read_each_shard_once_per_epoch_in_the_agreed_order(swarm, run_id, peer, tmp_path):
     shards, peers = names(30), swarm[:3]
     # the last one claims two shards per round
