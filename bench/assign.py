@@ -126,7 +126,7 @@ def lease_assigner(args, out: Path):
         log_dir=out,
         batch=2,
         timing=LeaseTiming(settle_s=args.settle, poll_s=0.5),
-    )
+    ).start()
     (out / "startup.json").write_text(json.dumps(dict(dht=up - begin, assigner=time.time() - up)))
     return assigner, dht
 

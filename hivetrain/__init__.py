@@ -2,7 +2,7 @@
 
 Where things live:
     dht.py         joining a run's DHT: signed, schema-checked records; start-up failures explained
-    assign.py      dividing each epoch's shards among peers with signed leases in the DHT
+    assign/        dividing each epoch's shards among peers with signed leases in the DHT
     leases.py      the lease decision itself, pure: records + time -> next shard, epoch state
     cache.py       bounded local shard cache: verified copies, on-demand fetch (shardtool.transport)
     feed.py        claims -> cached shard files, a few shards ahead: what the training stream reads

@@ -96,7 +96,7 @@ class MetricsRecord(BaseModel):
 
     `time` is the DHT time of the write and `every` the publishing interval: a monitor treats a peer
     whose record is several intervals old as gone. `stopped` is set by the last record of a peer that
-    leaves cleanly. `shard_count` and `shard_fp` (`hivetrain.assign.shard_list_fingerprint`) let a
+    leaves cleanly. `shard_count` and `shard_fp` (`hivetrain.leases.shard_list_fingerprint`) let a
     monitor read the run's shard leases without the manifest.
     """
 

@@ -149,7 +149,7 @@ def test_parsing_ignores_and_reports_records_that_make_no_sense():
 
 def test_alone_without_dht_reads_every_shard_once_per_epoch_in_order(tmp_path, caplog):
     caplog.set_level(logging.INFO, logger="hivetrain.assign")
-    assigner = ShardAssigner(NAMES, dht=None, run_id="solo", seed=7, log_dir=tmp_path, max_epochs=2)
+    assigner = ShardAssigner(NAMES, dht=None, run_id="solo", seed=7, log_dir=tmp_path, max_epochs=2).start()
     assert assigner.single_peer and "single-peer mode" in caplog.text
     claims = []
     while (claim := assigner.next_claim(timeout=5)) is not None:
@@ -167,7 +167,7 @@ def test_alone_without_dht_reads_every_shard_once_per_epoch_in_order(tmp_path, c
 
 
 def test_prefetch_release_and_close_without_dht(tmp_path, caplog):
-    assigner = ShardAssigner(NAMES[:3], dht=None, run_id="solo", max_epochs=1)
+    assigner = ShardAssigner(NAMES[:3], dht=None, run_id="solo", max_epochs=1).start()
     first, second, third = (assigner.next_claim(timeout=1) for _ in range(3))
     assert assigner.held() == [first, second, third]
     started = time.monotonic()
@@ -188,7 +188,7 @@ def test_prefetch_release_and_close_without_dht(tmp_path, caplog):
 
 
 def test_claims_in_batches_are_handed_out_one_at_a_time():
-    assigner = ShardAssigner(NAMES, dht=None, run_id="solo", max_epochs=1, batch=4)
+    assigner = ShardAssigner(NAMES, dht=None, run_id="solo", max_epochs=1, batch=4).start()
     order = [NAMES[i] for i in shard_order("solo", 0, 0, len(NAMES))]
     first = assigner.next_claim(timeout=1)
     assert first.shard == order[0] and assigner.held() == [first]  # three more wait in reserve
@@ -197,6 +197,20 @@ def test_claims_in_batches_are_handed_out_one_at_a_time():
     assert [c.shard for c in [first, *rest]] == order
     assert assigner.next_claim(timeout=0.1) is None
     assigner.close()
+
+
+def test_nothing_happens_until_start(tmp_path, caplog):
+    caplog.set_level(logging.INFO, logger="hivetrain.assign")
+    assigner = ShardAssigner(NAMES, dht=None, run_id="solo", log_dir=tmp_path / "logs", max_epochs=1)
+    assert not (tmp_path / "logs").exists() and "single-peer mode" not in caplog.text
+    with pytest.raises(RuntimeError, match="start"):
+        assigner.next_claim(timeout=1)
+    with assigner:  # entering starts it
+        assert "single-peer mode" in caplog.text and assigner.single_peer and assigner.epoch == 0
+        assigner.complete(assigner.next_claim(timeout=1), samples=1)
+    assert len((tmp_path / "logs" / "shards.jsonl").read_text().splitlines()) == 1
+    with pytest.raises(RuntimeError, match="closed"):
+        assigner.start()
 
 
 def test_bad_arguments():

@@ -119,11 +119,26 @@ def peer(run_id, tmp_path):
 
     def make(dht, log: str | None = None, **kw):
         kw = dict(dict(run_id=run_id, lease_s=5, timing=FAST), **kw)
-        made.append(ShardAssigner(kw.pop("shards"), dht=dht, log_dir=log and tmp_path / log, **kw))
+        made.append(ShardAssigner(kw.pop("shards"), dht=dht, log_dir=log and tmp_path / log, **kw).start())
         return made[-1]
 
     yield make
     for assigner in made:
+        assigner.close()
+
+
+def test_a_peer_publishes_nothing_until_started(swarm, run_id):
+    key = f"{run_id}_shards"
+    assigner = ShardAssigner(names(4), dht=swarm[0], run_id=run_id, timing=FAST)
+    try:
+        assert swarm[1].get(key, latest=True) is None
+        assigner.start()
+        record = wait_until(
+            lambda: (v := swarm[1].get(key, latest=True)) and v.value.get(signing_key(swarm[0])),
+            what="the started peer's record",
+        )
+        assert record.value["peer"] == assigner.peer_id and record.value["claims"] == []
+    finally:
         assigner.close()
 
 
@@ -299,7 +314,7 @@ def test_alone_then_unreachable_dht_still_covers_every_shard(tmp_path, caplog):
     dht = make_dht(run_id="alone", private_key=RSAPrivateKey())
     assigner = ShardAssigner(
         shards, dht=dht, run_id="alone", lease_s=5, max_epochs=1, log_dir=tmp_path, timing=FAST
-    )
+    ).start()
     try:
         assert assigner.single_peer
         assert "no other peer of this run is visible: reading every shard alone" in caplog.text
@@ -335,7 +350,7 @@ def _peer_main(argv: list[str]) -> None:
         max_epochs=1,
         log_dir=args.log_dir,
         timing=FAST,
-    )
+    ).start()
     consume(assigner, args.read, prefetch=args.prefetch, claims_log=args.log_dir / "claims.jsonl")
 
 

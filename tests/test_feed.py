@@ -25,7 +25,7 @@ def corrupt(path, offset=5000):
 def run_feed(manifest, tmp_path, *, mirrors=(), limit=None):
     """Stream one epoch of claims through the cache; returns (labels seen per shard, feed, cache)."""
     names = [s.name for s in manifest.split("train").shards]
-    assigner = ShardAssigner(names, dht=None, run_id="t", log_dir=tmp_path / "logs", max_epochs=1)
+    assigner = ShardAssigner(names, dht=None, run_id="t", log_dir=tmp_path / "logs", max_epochs=1).start()
     cache = ShardCache(manifest, tmp_path / "cache", mirrors=mirrors, limit_bytes=limit, timeout=5)
     feed = ClaimFeed(assigner, cache)
     stream = train_stream(

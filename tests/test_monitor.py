@@ -135,8 +135,8 @@ def test_monitor_shows_what_the_peers_publish(swarm, run_id, closing):
     wait_until(lambda: charlie.published >= 1, what="charlie's first record")
     charlie.close()
     # two peers at work: claims and completed shards in the DHT, metrics published
-    alpha_shards = closing(ShardAssigner(shards, dht=a, run_id=run_id, timing=FAST))
-    bravo_shards = closing(ShardAssigner(shards, dht=b, run_id=run_id, timing=FAST))
+    alpha_shards = closing(ShardAssigner(shards, dht=a, run_id=run_id, timing=FAST).start())
+    bravo_shards = closing(ShardAssigner(shards, dht=b, run_id=run_id, timing=FAST).start())
     first = alpha_shards.next_claim(timeout=10)
     alpha_shards.complete(first, samples=8)
     alpha_shards.next_claim(timeout=10)
@@ -254,7 +254,7 @@ def test_monitor_started_before_the_peers(swarm, run_id, tmp_path, closing):
         peer = new_peer(running.addresses)
         try:
             join_run(peer, run_id)
-            assigner = closing(ShardAssigner(shards, dht=peer, run_id=run_id, timing=FAST))
+            assigner = closing(ShardAssigner(shards, dht=peer, run_id=run_id, timing=FAST).start())
             claim = assigner.next_claim(timeout=10)
             closing(publisher(peer, run_id, "late", shards, samples_per_s=42.0))
             state = wait_until(

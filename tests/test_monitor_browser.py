@@ -71,7 +71,7 @@ def url():
             stack.callback(dhts[-1].shutdown)
         for dht in dhts:
             join_run(dht, run)
-        assigners = [ShardAssigner(SHARDS, dht=dht, run_id=run, timing=FAST) for dht in dhts[:2]]
+        assigners = [ShardAssigner(SHARDS, dht=dht, run_id=run, timing=FAST).start() for dht in dhts[:2]]
         for assigner in assigners:
             stack.callback(assigner.close)
         for _ in range(3):

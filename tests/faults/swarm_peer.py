@@ -42,7 +42,7 @@ def _peer(args: dict) -> None:
         max_epochs=1,
         log_dir=log_dir,
         timing=timing,
-    )
+    ).start()
     consume(assigner, args["read"], prefetch=args.get("prefetch", 2), claims_log=log_dir / "claims.jsonl")
     assigner.close()
     dht.shutdown()

@@ -66,7 +66,9 @@ class Honest:
     def __init__(self, swarm, run_id, tmp: Path, shards: list[str], *, lease: float, read: float, **kw):
         self.dirs = [tmp / f"honest{k}" for k in range(len(swarm) - 1)]
         self.assigners = [
-            ShardAssigner(shards, dht=dht, run_id=run_id, lease_s=lease, max_epochs=1, log_dir=d, **kw)
+            ShardAssigner(
+                shards, dht=dht, run_id=run_id, lease_s=lease, max_epochs=1, log_dir=d, **kw
+            ).start()
             for dht, d in zip(swarm[1:], self.dirs)
         ]
         self.errors: list[BaseException] = []
