@@ -196,7 +196,7 @@ class Peer:
             assigner = ShardAssigner(
                 train_shards, dht=dht, run_id=n.run_id, lease_s=o.lease, seed=o.seed, log_dir=log_dir,
                 max_epochs=None, batch=FEED_DEPTH,  # claim the shards the feed reads ahead in one DHT round
-            )  # fmt: skip
+            ).start()  # fmt: skip
             on_exit("releasing shard claims", assigner.close)
             feed = ClaimFeed(assigner, cache, split=o.split, depth=FEED_DEPTH)
             on_exit("stopping the feed", feed.stop)
