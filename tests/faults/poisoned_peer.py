@@ -31,7 +31,7 @@ def _poisoned_step(self: Peer, images: torch.Tensor, labels: torch.Tensor) -> fl
         deadline = time.monotonic() + 120
         while not os.path.exists(START_FILE) and time.monotonic() < deadline:
             time.sleep(0.05)
-        print(f"training with {self.opt.tracker.global_progress.num_peers} peer(s) known", flush=True)
+        print(f"training with {self.sync.num_peers} peer(s) known", flush=True)
     if _count in POISON:
         print(f"poisoning local step {_count}", flush=True)
         images = torch.full(images.shape, float("nan"), dtype=torch.float32, device=images.device)
