@@ -70,7 +70,7 @@ ROUNDS = 3
 FULL = dict(
     images=4096, per_shard=128, batch=256, size=224, steps=150, warmup=20, single=400, decode_batch=128
 )
-SMOKE = dict(images=48, per_shard=8, batch=8, size=32, steps=6, warmup=2, single=24, decode_batch=8)
+SMOKE = dict(images=48, per_shard=8, batch=8, size=32, steps=6, warmup=4, single=24, decode_batch=8)
 
 
 class BenchError(Exception):
