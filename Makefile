@@ -41,6 +41,7 @@ lint: $(STAMP)
 	$(BIN)/ruff check . && $(BIN)/ruff format --check .
 
 ## bench: every comparison table under bench/ (minutes; see BENCHMARKS.md)
+## (bench/gpu.py is not in this list: it needs a CUDA GPU; bench/gpu.sh runs it on a bare one)
 bench: $(STAMP)
 	for b in bench/build.py bench/fetch.py bench/loader.py bench/assign.py bench/train.py; do \
 	  test -f $$b && $(BIN)/python $$b || exit 1; done
