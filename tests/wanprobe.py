@@ -3,8 +3,8 @@
 All peers are measured at once (their links are independent; the hub has no limit), each against a
 listener of its own in the hub namespace: first five connects (a connect takes one round trip), then a
 bulk transfer up and one down. Slow start is left out: only the `seconds` after a warm-up of 0.25 s +
-4 RTT count, as the slope fitted to the payload the receiving kernel got (see `_payload_in`); the rate
-counts IP bytes, so a full link reads ~3.5% below its rate (52 header bytes per 1500-byte packet).
+4 RTT count, as the slope fitted to the payload the receiving kernel got (see `_payload_in`). A link's
+rate counts IP bytes, so a full link reads ~3.5% below it (52 header bytes per 1500-byte packet).
 """
 
 from __future__ import annotations
