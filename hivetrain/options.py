@@ -24,7 +24,7 @@ LOOPBACK_MADDR = "/ip4/127.0.0.1/tcp/0"
 """Where a DHT node listens unless told otherwise: loopback, any free port (peers on this machine only)."""
 MODELS = ("resnet18", "resnet34", "resnet50")
 """`--model` choices: torchvision ResNets (hivetrain.recipe.build_model)."""
-SYNC_MODES = ("every-step",)
+SYNC_MODES = ("every-step", "diloco")
 """`--sync` choices, each a module of hivetrain.sync."""
 COMPRESSIONS = ("none", "fp16", "8bit")
 """`--compression` choices (hivetrain.sync.base.compression)."""
@@ -192,7 +192,8 @@ class SyncOptions:
 
     sync: str = setting(
         "every-step",
-        "every-step: average gradients every global step (hivemind.Optimizer).",
+        "every-step: average gradients every global step (hivemind.Optimizer; for fast links); diloco: "
+        "local steps, then an averaged outer step in the background (for internet links).",
         type=click.Choice(SYNC_MODES),
     )
     compression: str = setting(
@@ -201,6 +202,19 @@ class SyncOptions:
         type=click.Choice(COMPRESSIONS),
     )
 
+    local_steps: int = setting(
+        64,
+        "diloco: local steps per peer between averaging rounds (swarm average).",
+        type=click.IntRange(min=1),
+    )
+    outer_lr: float = setting(
+        1.0, "diloco: learning rate of the outer optimizer (1 with no momentum: averaging the local models).",
+        type=click.FloatRange(min=0, min_open=True),
+    )  # fmt: skip
+    outer_momentum: float = setting(
+        0.0, "diloco: Nesterov momentum of the outer optimizer (DiLoCo's own: --outer-lr 0.7 --outer-momentum 0.9).",
+        type=click.FloatRange(0, 1, max_open=True),
+    )  # fmt: skip
     matchmaking_time: float = setting(
         15.0, "Seconds to gather peers for each averaging round.", type=click.FloatRange(min=0.5)
     )

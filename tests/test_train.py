@@ -152,11 +152,19 @@ def served(tmp_path):
         yield server.url + "manifest.json"
 
 
+SYNC_MODES = {
+    "every-step": ("--sync", "every-step"),
+    "diloco": ("--sync", "diloco", "--local-steps", "8"),
+}
+
+
 @pytest.mark.slow
-def test_two_peers_share_epochs_and_learn(served, tmp_path, children):
+@pytest.mark.parametrize("mode", SYNC_MODES)
+def test_two_peers_share_epochs_and_learn(served, tmp_path, children, mode):
     a, b = tmp_path / "a", tmp_path / "b"
-    pa = start_peer(children, served, a, "--epochs", "4", "--checkpoint-dir", a / "ck")
-    pb = start_peer(children, served, b, "--epochs", "4", "--initial-peer", maddr(a))
+    sync = SYNC_MODES[mode]
+    pa = start_peer(children, served, a, "--epochs", "4", "--checkpoint-dir", a / "ck", *sync)
+    pb = start_peer(children, served, b, "--epochs", "4", "--initial-peer", maddr(a), *sync)
     out_a, out_b = finish(pa, a), finish(pb, b)
     steps = [jsonl(d / "metrics.jsonl")[-1]["global_step"] for d in (a, b)]
     assert steps == [math.ceil(4 * 256 / 64)] * 2, (out_a[-2000:], out_b[-2000:])  # both end at the last step
@@ -178,27 +186,30 @@ def test_two_peers_share_epochs_and_learn(served, tmp_path, children):
 
 
 @pytest.mark.slow
-def test_resume_continues_at_the_saved_step(served, tmp_path, children):
+@pytest.mark.parametrize("mode", SYNC_MODES)
+def test_resume_continues_at_the_saved_step(served, tmp_path, children, mode):
     first, second = tmp_path / "first", tmp_path / "second"
-    ck = tmp_path / "ck"
-    finish(start_peer(children, served, first, "--max-steps", "3", "--checkpoint-dir", ck), first)
+    ck, sync = tmp_path / "ck", SYNC_MODES[mode]
+    finish(start_peer(children, served, first, "--max-steps", "3", "--checkpoint-dir", ck, *sync), first)
     saved = checkpoint.load(ck)["global_step"]
     assert saved == 3
-    out = finish(start_peer(children, served, second, "--max-steps", "5", "--resume-from", ck), second)
+    out = finish(start_peer(children, served, second, "--max-steps", "5", "--resume-from", ck, *sync), second)
     assert "resumed from" in out and "at global step 3" in out
     metrics = jsonl(second / "metrics.jsonl")
     assert metrics[0]["global_step"] >= 3 and metrics[-1]["global_step"] == 5
 
 
 @pytest.mark.slow
+@pytest.mark.parametrize("mode", SYNC_MODES)
 def test_late_joiner_loads_state_a_killed_peer_loses_nothing_and_sigterm_stops_cleanly(
-    served, tmp_path, children
+    served, tmp_path, children, mode
 ):
     a, b = tmp_path / "a", tmp_path / "b"
-    pa = start_peer(children, served, a, "--epochs", "100", "--checkpoint-dir", a / "ck")
+    sync = SYNC_MODES[mode]
+    pa = start_peer(children, served, a, "--epochs", "100", "--checkpoint-dir", a / "ck", *sync)
     wait_until(lambda: any(m.get("global_step", 0) >= 3 for m in jsonl(a / "metrics.jsonl")), timeout=180,
                what="the first peer to reach global step 3")  # fmt: skip
-    pb = start_peer(children, served, b, "--epochs", "100", "--initial-peer", maddr(a))
+    pb = start_peer(children, served, b, "--epochs", "100", "--initial-peer", maddr(a), *sync)
     wait_until(lambda: len(jsonl(b / "shards.jsonl")) >= 2, timeout=180, what="the joiner to read two shards")
     assert jsonl(b / "metrics.jsonl")[0]["global_step"] >= 3, "the joiner starts from the run's state"
     assert "downloading its state from peers" in (b / "stdout.txt").read_text()

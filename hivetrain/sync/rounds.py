@@ -1,0 +1,149 @@
+"""The decisions of a DiLoCo round, pure: what a finished (or failed) round means for this peer's state,
+where the run is in global steps, and how long to wait for partners.
+
+No DHT and no torch here (`hivetrain.sync.diloco` does the averaging around these functions), so every
+rule is tested on its own, like the lease decision in `hivetrain.leases`.
+
+Every peer keeps a copy of the run's *global* parameters, counts the outer steps folded into them (its
+`version`) and names their history (its `lineage`: a hash that every member of a round moves on alike,
+and that a peer that stepped alone moves on with its own id, so that two peers which stepped apart are
+told apart even at equal versions). A round averages the peers' pseudo-gradients; every member gathers
+the others' versions, lineages and sample counts with the averaged tensors, so each one decides alike:
+
+* the members at the newest version with the winning lineage (the smallest, when several peers stepped
+  apart) apply the outer step (`apply`) and count the round's samples;
+* any other member (it missed a round: its link was down, it joined late, it stepped alone while cut
+  off) keeps its local progress but takes the run's global state from a peer (`load`), instead of
+  applying an outer step to parameters the others no longer have; state downloads prefer the newest
+  version and then the winning lineage (`sharing_priority`);
+* a round that found no partner: alone in the run, the peer applies its own outer step (a lone DiLoCo
+  peer is local SGD with an outer optimizer); with others around it keeps training and contributes its
+  progress to the next round (`skip`), so nobody waits for anybody.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from collections.abc import Mapping
+from dataclasses import dataclass
+
+LINEAGE_BITS = 32
+
+
+def next_lineage(lineage: int, version: int, *, alone: str | None = None) -> int:
+    """The lineage after an outer step from `version`: the same for every member of a round; with
+    `alone` (this peer's id) one of its own."""
+    digest = hashlib.sha256(f"{lineage}:{version}:{alone or ''}".encode()).digest()
+    return int.from_bytes(digest[: LINEAGE_BITS // 8], "big")
+
+
+def sharing_priority(version: int, lineage: int) -> float:
+    """The order in which peers are asked for state: newest version first, then the smallest lineage."""
+    return version + 0.5 * (1.0 - lineage / 2**LINEAGE_BITS)
+
+
+@dataclass(frozen=True)
+class Gathered:
+    """What one member of a round told the others: its version and lineage, samples since its last
+    round, and the run's sample count as of its version."""
+
+    version: int
+    lineage: int
+    samples: int
+    total: int
+
+    @classmethod
+    def of(cls, value: object) -> Gathered | None:
+        """Parse a member's gathered metadata; None when it makes no sense (a broken or hostile peer)."""
+        if not isinstance(value, Mapping):
+            return None
+        try:
+            numbers = tuple(value[k] for k in ("version", "lineage", "samples", "total"))
+        except KeyError:
+            return None
+        if not all(isinstance(x, int) and not isinstance(x, bool) and x >= 0 for x in numbers):
+            return None
+        if numbers[1] >= 2**LINEAGE_BITS:
+            return None
+        return cls(*numbers)
+
+
+@dataclass(frozen=True)
+class Outcome:
+    """What to do after a round: `apply` the averaged outer step, `load` the run's state from a peer,
+    `apply-alone` (own pseudo-gradient, no partners), or `skip` (contribute to the next round)."""
+
+    action: str
+    version: int
+    lineage: int
+    total: int  # the run's samples once the outcome is carried out
+    members: int = 1
+
+
+def after_round(
+    *,
+    version: int,
+    lineage: int,
+    total: int,
+    samples: int,
+    gathered: Mapping[object, object] | None,
+    peers: int,
+    peer_id: str,
+) -> Outcome:
+    """Decide a round's outcome for this peer.
+
+    Args:
+        version, lineage, total, samples: this peer's version and lineage, the run's sample count as of
+            its version, and its samples since its last round.
+        gathered: every member's metadata (this peer's included) after a successful all-reduce; None
+            when the round failed (no group, a timeout, a member that vanished mid-round).
+        peers: training peers visible in the run now (this one included).
+        peer_id: this peer's id (names a lineage of its own when it steps alone).
+    """
+    if gathered is None:
+        if peers <= 1:
+            return Outcome(
+                "apply-alone", version + 1, next_lineage(lineage, version, alone=peer_id), total + samples
+            )
+        return Outcome("skip", version, lineage, total)
+    members = [g for g in map(Gathered.of, gathered.values()) if g is not None]
+    newest = max([version, *(g.version for g in members)])
+    winner = min([g.lineage for g in members if g.version == newest] or [lineage])
+    current = [g for g in members if (g.version, g.lineage) == (newest, winner)]
+    if (version, lineage) != (newest, winner):
+        return Outcome("load", newest, winner, max(g.total for g in current), len(members))
+    run_total = max([total, *(g.total for g in current)])
+    total_after = run_total + sum(g.samples for g in members)
+    return Outcome("apply", version + 1, next_lineage(lineage, version), total_after, len(members))
+
+
+def global_step(*, total: int, local_since: int, peers: int, target_global_bsz: int) -> int:
+    """The run's progress in global batches: the samples agreed at the last round, plus this peer's
+    samples since then as the whole swarm's pace (peers alike on average)."""
+    return (total + local_since * max(1, peers)) // max(1, target_global_bsz)
+
+
+@dataclass(frozen=True)
+class RoundTiming:
+    """How long a round may look for partners and run, from what the rounds so far measured.
+
+    With averaging in the background, matchmaking costs no compute, only staleness: the update lands
+    that much later. It gets a fifth of the time between rounds (peers notice a round within the
+    progress tracker's refresh, which is far shorter), within `[least_s, most_s]`; the round is given up
+    once it has run for three times the slowest recent round plus its matchmaking, never less than
+    `least_timeout_s`.
+    """
+
+    least_s: float = 2.0
+    most_s: float = 30.0
+    least_timeout_s: float = 30.0
+
+    def matchmaking_s(self, interval_s: float | None, configured_s: float) -> float:
+        if interval_s is None:
+            return configured_s
+        return min(self.most_s, max(self.least_s, 0.2 * interval_s))
+
+    def timeout_s(self, recent_round_s: list[float], matchmaking_s: float, configured_s: float) -> float:
+        if not recent_round_s:
+            return max(configured_s, matchmaking_s + self.least_timeout_s)
+        return max(self.least_timeout_s, matchmaking_s + 3.0 * max(recent_round_s))
