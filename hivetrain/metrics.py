@@ -22,7 +22,7 @@ from typing import Any, ClassVar
 import hivemind
 from hivemind.dht.schema import BytesWithPublicKey
 from hivemind.utils import get_dht_time
-from pydantic.v1 import BaseModel, StrictBool, confloat, conint, constr
+from pydantic.v1 import BaseModel, Field, StrictBool, confloat, conint, constr
 
 from .dht import ensure_run_validators
 from .leases import shard_list_fingerprint
@@ -91,13 +91,20 @@ MAX_RECORD_BYTES = 4096
 """A metrics record is a few hundred bytes; anything near this size is refused as oversized."""
 
 
+def _measure(default: Any, gauge: str, description: str) -> Any:
+    """A field of the record that monitors show per peer and export as the Prometheus gauge `gauge`."""
+    return Field(default, description=description, gauge=gauge)
+
+
 class MetricsRecord(BaseModel):
     """What one peer reports about itself, rewritten every few seconds (numbers: None when unknown).
 
     `time` is the DHT time of the write and `every` the publishing interval: a monitor treats a peer
     whose record is several intervals old as gone. `stopped` is set by the last record of a peer that
     leaves cleanly. `shard_count` and `shard_fp` (`hivetrain.leases.shard_list_fingerprint`) let a
-    monitor read the run's shard leases without the manifest.
+    monitor read the run's shard leases without the manifest. The fields made with `_measure` are the
+    peer's measurements: this class is the one list of them (`MEASURES`) that the publisher, the
+    monitor's table and its Prometheus gauges read.
     """
 
     peer: constr(strict=True, max_length=64)
@@ -106,22 +113,64 @@ class MetricsRecord(BaseModel):
     device: _Text
     time: _Real
     every: _NonNegative
-    uptime: _NonNegative
     stopped: StrictBool
-    samples: _Count
-    samples_per_s: _NonNegative | None
-    loss: _Real | None
-    lr: _Real | None
-    global_step: _Count
-    data_epoch: conint(strict=True, ge=-1)
-    shards_read: _Count
-    shards_claimed: _Count
-    data_wait_frac: _Fraction | None
-    fetch_mb_s: _NonNegative | None
-    val_top1: _Fraction | None
-    val_top5: _Fraction | None
+    sync: constr(strict=True, max_length=32) = ""
+    uptime: _NonNegative = _measure(
+        0.0, "hivetrain_peer_uptime_seconds", "Seconds since one peer started publishing."
+    )
+    samples: _Count = _measure(0, "hivetrain_peer_samples", "Samples one peer has trained on.")
+    samples_per_s: _NonNegative | None = _measure(
+        None, "hivetrain_peer_samples_per_second", "Training samples per second of one peer."
+    )
+    loss: _Real | None = _measure(None, "hivetrain_peer_loss", "Training loss of one peer's last step.")
+    lr: _Real | None = _measure(None, "hivetrain_peer_learning_rate", "Learning rate of one peer.")
+    global_step: _Count = _measure(0, "hivetrain_peer_global_step", "Global step one peer is at.")
+    data_epoch: conint(strict=True, ge=-1) = _measure(
+        -1, "hivetrain_peer_data_epoch", "Data epoch one peer reads."
+    )
+    shards_read: _Count = _measure(0, "hivetrain_peer_shards_read", "Shards one peer has read.")
+    shards_claimed: _Count = _measure(
+        0, "hivetrain_peer_shards_claimed", "Shards one peer holds under lease."
+    )
+    data_wait_frac: _Fraction | None = _measure(
+        None, "hivetrain_peer_data_wait_ratio", "Fraction of time one peer waits for data."
+    )
+    compute_frac: _Fraction | None = _measure(
+        None, "hivetrain_peer_compute_ratio",
+        "Fraction of one peer's training time spent computing (forward, backward, local optimizer step).",
+    )  # fmt: skip
+    sync_wait_frac: _Fraction | None = _measure(
+        None,
+        "hivetrain_peer_sync_wait_ratio",
+        "Fraction of one peer's training time spent waiting on averaging.",
+    )
+    sent_per_s: _NonNegative | None = _measure(
+        None, "hivetrain_peer_sent_bytes_per_second", "Bytes per second one peer's p2p daemon sends."
+    )
+    received_per_s: _NonNegative | None = _measure(
+        None, "hivetrain_peer_received_bytes_per_second", "Bytes per second one peer's p2p daemon receives."
+    )
+    sent_per_sample: _NonNegative | None = _measure(
+        None, "hivetrain_peer_sent_bytes_per_sample", "Bytes one peer has sent per sample it trained on."
+    )
+    fetch_mb_s: _NonNegative | None = _measure(
+        None, "hivetrain_peer_fetch_megabytes_per_second", "Shard download rate of one peer (MB/s)."
+    )
+    val_top1: _Fraction | None = _measure(
+        None, "hivetrain_peer_val_top1", "Last validation top-1 accuracy of one peer (0-1)."
+    )
+    val_top5: _Fraction | None = _measure(
+        None, "hivetrain_peer_val_top5", "Last validation top-5 accuracy of one peer (0-1)."
+    )
     shard_count: _Count
     shard_fp: constr(strict=True, max_length=32)
+
+
+MEASURES: dict[str, Any] = {
+    name: f for name, f in MetricsRecord.__fields__.items() if "gauge" in f.field_info.extra
+}
+"""The record's measurements, in order: name -> pydantic field (`.default`, `.field_info.description`,
+`.field_info.extra["gauge"]`)."""
 
 
 class MetricsRecords(BaseModel):
@@ -140,8 +189,13 @@ def metrics_key(run_id: str) -> str:
     return f"{run_id}_metrics"
 
 
-_INTS = {"samples", "global_step", "data_epoch", "shards_read", "shards_claimed"}
-_FLOATS = {"samples_per_s", "loss", "lr", "data_wait_frac", "fetch_mb_s", "val_top1", "val_top5"}
+_INTS = {name for name, f in MEASURES.items() if issubclass(f.type_, int)}
+_FLOATS = {name for name, f in MEASURES.items() if issubclass(f.type_, float)} - {"uptime"}
+_BOUNDS = {
+    name: (getattr(MEASURES[name].type_, "ge", None), getattr(MEASURES[name].type_, "le", None))
+    for name in _FLOATS
+}
+"""Each float measurement's (low, high) bounds in the schema: values are clipped into them before sending."""
 
 
 def describe_device(device: Any) -> str:
@@ -171,6 +225,7 @@ class MetricsPublisher:
         address: the multiaddr others reach this peer at ("" in client mode).
         device: the training device (`describe_device`).
         shards: the training split's shard names in manifest order, for the shard count and fingerprint.
+        sync: the peer's synchronisation mode (`--sync`), shown by monitors.
         interval_s: seconds between writes.
         ttl_s: a record's lifetime in the DHT (default: four intervals, at least 20 s).
     """
@@ -184,6 +239,7 @@ class MetricsPublisher:
         address: str,
         device: str,
         shards: Sequence[str] = (),
+        sync: str = "",
         interval_s: float = 5.0,
         ttl_s: float | None = None,
         request_timeout_s: float = 10.0,
@@ -196,10 +252,9 @@ class MetricsPublisher:
         self._subkey = ensure_run_validators(dht, run_id)
         self._started = time.monotonic()
         self._fields: dict[str, Any] = dict(
+            {name: f.default for name, f in MEASURES.items() if name in _INTS | _FLOATS},
             peer=dht.peer_id.to_base58()[:64], name=str(peer_name)[:128], address=str(address)[:256],
-            device=str(device)[:128], every=float(interval_s), samples=0, samples_per_s=None, loss=None,
-            lr=None, global_step=0, data_epoch=-1, shards_read=0, shards_claimed=0, data_wait_frac=None,
-            fetch_mb_s=None, val_top1=None, val_top5=None, shard_count=len(shards),
+            device=str(device)[:128], every=float(interval_s), sync=str(sync)[:32], shard_count=len(shards),
             shard_fp=shard_list_fingerprint(shards) if shards else "",
         )  # fmt: skip
         self._lock = threading.Lock()
@@ -224,11 +279,9 @@ class MetricsPublisher:
         """The record as it would be published now."""
         with self._lock:
             fields = dict(self._fields)
-        fields["data_wait_frac"] = _clip(fields["data_wait_frac"], 0.0, 1.0)
-        for name in ("val_top1", "val_top5"):
-            fields[name] = _clip(fields[name], 0.0, 1.0)
-        for name in ("samples_per_s", "fetch_mb_s"):
-            fields[name] = _clip(fields[name], 0.0, None)
+        for name, (low, high) in _BOUNDS.items():
+            if low is not None:
+                fields[name] = _clip(fields[name], low, high)
         return dict(fields, time=get_dht_time(), uptime=time.monotonic() - self._started, stopped=stopped)
 
     def close(self) -> None:
@@ -273,4 +326,4 @@ class MetricsPublisher:
 def _clip(value: float | None, low: float, high: float | None) -> float | None:
     if value is None:
         return None
-    return max(low, value) if high is None else min(max(low, value), high)
+    return float(max(low, value) if high is None else min(max(low, value), high))

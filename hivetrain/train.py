@@ -40,6 +40,7 @@ from shardtool.manifest import Manifest
 
 from . import checkpoint, sync
 from . import recipe as recipes
+from .accounting import Accounting
 from .assign import ShardAssigner
 from .cache import ShardCache
 from .data import LoaderOptions, ShardDone, ShardRef, ShardStream, train_stream
@@ -48,6 +49,7 @@ from .errors import DataError, HivetrainError
 from .feed import ClaimFeed
 from .metrics import JsonLines, MetricsPublisher, MetricsRecords, Rate, describe_device
 from .options import NetworkOptions, SyncOptions, TrainOptions
+from .traffic import P2PTraffic
 from .transforms import recipe_for as image_recipe_for
 
 log = logging.getLogger(__name__)
@@ -121,12 +123,13 @@ class Peer:
         feed: ClaimFeed,
         metrics: JsonLines,
         publisher: MetricsPublisher,
+        traffic: P2PTraffic | None = None,
         best_acc1: float = 0.0,
     ):
         self.options, self.plan, self.addresses = options, plan, addresses
         self.model, self.sync = model, synchronizer
         self.cache, self.assigner, self.feed = cache, assigner, feed
-        self.metrics, self.publisher = metrics, publisher
+        self.metrics, self.publisher, self.traffic = metrics, publisher, traffic
         self.best_acc1 = best_acc1
         self.has_val = plan.has_val
         self.stop_event = threading.Event()
@@ -176,9 +179,12 @@ class Peer:
                 _warn_if_unreachable(addresses, n)
             publisher = MetricsPublisher(
                 dht, n.run_id, peer_name=n.name or socket.gethostname(), address=addresses[0] if addresses else "",
-                device=describe_device(plan.device), shards=train_shards,
+                device=describe_device(plan.device), shards=train_shards, sync=sync_options.sync,
             )  # fmt: skip
             on_exit("closing the metrics publisher", publisher.close)
+            traffic = P2PTraffic.of(dht)
+            if traffic is not None:
+                on_exit("stopping the traffic meter", traffic.close)
 
             model = _build_model(plan, o, resume)
             synchronizer = sync.make(_sync_context(plan, o, dht, n.run_id, model, sync_options))
@@ -212,7 +218,7 @@ class Peer:
             )  # fmt: skip
             yield cls(
                 options=o, plan=plan, addresses=addresses, model=model, synchronizer=synchronizer,
-                cache=cache, assigner=assigner, feed=feed, metrics=metrics, publisher=publisher,
+                cache=cache, assigner=assigner, feed=feed, metrics=metrics, publisher=publisher, traffic=traffic,
                 best_acc1=float(resume.get("best_acc1", 0.0)) if resume is not None else 0.0,
             )  # fmt: skip
 
@@ -242,6 +248,7 @@ class Peer:
 
     def _train(self, stream: ShardStream) -> None:
         rate, wait_total, busy_total = Rate(), 0.0, 0.0
+        accounting = Accounting(time.monotonic())
         last_val = self.sync.global_step
         items = iter(stream)
         self.model.train()
@@ -255,8 +262,10 @@ class Peer:
             if isinstance(item, ShardDone):
                 self.feed.finish(item)
                 continue
+            waited_on_sync = self.sync.stats.wait_s
             loss = self._step(item.images, item.labels)
             busy = time.perf_counter() - started - waited
+            accounting.step(compute_s=busy - (self.sync.stats.wait_s - waited_on_sync), samples=len(item))
             wait_total, busy_total = wait_total + waited, busy_total + busy
             rate.add(len(item))
             self.summary.local_steps += 1
@@ -267,7 +276,9 @@ class Peer:
                 samples_per_s=rate.per_second, data_wait=waited, data_wait_frac=wait_total / (wait_total + busy_total),
                 shards_read=self.feed.shards_read, peers=self.sync.num_peers,
                 fetch_mb_s=self.cache.stats.fetch_mb_s, corrupt=stream.stats.corrupt, missing=stream.stats.missing,
-                skipped_steps=self.summary.skipped_steps,
+                skipped_steps=self.summary.skipped_steps, sync_rounds=self.sync.stats.rounds,
+                **accounting.fields(now=time.monotonic(), sync_wait_s=self.sync.stats.wait_s,
+                                    traffic=self.traffic.totals() if self.traffic else None),
             )  # fmt: skip
             if self.sync.global_step - last_val >= self.val_interval:
                 last_val = self.sync.global_step

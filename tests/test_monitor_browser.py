@@ -81,7 +81,9 @@ def url():
         assigners[1].next_claim(timeout=10)
         values = [
             dict(samples_per_s=812.4, loss=1.875, lr=0.4, global_step=31, data_epoch=0, shards_read=3,
-                 shards_claimed=1, data_wait_frac=0.04, fetch_mb_s=96.5, val_top1=0.6125, val_top5=0.9375),
+                 shards_claimed=1, data_wait_frac=0.04, fetch_mb_s=96.5, val_top1=0.6125, val_top5=0.9375,
+                 compute_frac=0.93, sync_wait_frac=0.02, sent_per_s=52_400.0, received_per_s=61_250.0,
+                 sent_per_sample=3_150.0),
             dict(samples_per_s=405.15, loss=2.0625, lr=0.4, global_step=30, data_epoch=0, shards_read=0,
                  shards_claimed=1, data_wait_frac=0.31, fetch_mb_s=12.25),
             dict(samples_per_s=99.0, loss=2.5, lr=0.4, global_step=29, data_epoch=0),
@@ -156,8 +158,9 @@ def shown_matches_api(driver, url) -> str | None:
     if len(view["rows"]) != len(state["peers"]):
         return f"{len(view['rows'])} rows for {len(state['peers'])} peers"
     precision = dict(
-        samples_per_s=0.05, loss=5e-4, fetch_mb_s=0.05, val_top1=0.05, val_top5=0.05, data_wait_frac=0.5
-    )
+        samples_per_s=0.05, loss=5e-4, fetch_mb_s=0.05, val_top1=0.05, val_top5=0.05, data_wait_frac=0.5,
+        compute_frac=0.5, sync_wait_frac=0.5, sent_per_s=50, received_per_s=50, sent_per_sample=50,
+    )  # fmt: skip
     for row, peer in zip(view["rows"], state["peers"]):
         cells = row["cells"]
         if row["id"] != peer["id"] or cells["name"] != peer["name"] or cells["state"] != peer["state"]:
@@ -167,9 +170,10 @@ def shown_matches_api(driver, url) -> str | None:
                 return f"{peer['name']} {field}: page {cells[field]}, api {peer[field]}"
         for field, tolerance in precision.items():
             expected = peer[field] if peer[field] is not None else float("nan")
-            if field in ("val_top1", "val_top5", "data_wait_frac"):
+            if field in ("val_top1", "val_top5", "data_wait_frac", "compute_frac", "sync_wait_frac"):
                 expected *= 100
-            shown = number(cells[field])
+            scale = 1000 if field.startswith(("sent_", "received_")) else 1
+            shown = number(cells[field]) * scale
             if not (abs(shown - expected) <= tolerance + 1e-9 or (shown != shown and expected != expected)):
                 return f"{peer['name']} {field}: page {cells[field]}, api {peer[field]}"
         if float(cells["lr"]) != pytest.approx(peer["lr"], rel=1e-3):

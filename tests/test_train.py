@@ -168,6 +168,10 @@ def test_two_peers_share_epochs_and_learn(served, tmp_path, children, mode):
     out_a, out_b = finish(pa, a), finish(pb, b)
     steps = [jsonl(d / "metrics.jsonl")[-1]["global_step"] for d in (a, b)]
     assert steps == [math.ceil(4 * 256 / 64)] * 2, (out_a[-2000:], out_b[-2000:])  # both end at the last step
+    for d in (a, b):  # accounting: time computing, bytes measured at the p2p daemon's sockets
+        last = [m for m in jsonl(d / "metrics.jsonl") if "step" in m][-1]
+        assert 0 < last["compute_frac"] <= 1 and 0 <= last["sync_wait_frac"] < 1, last
+        assert last["sent_bytes"] > 0 and last["received_bytes"] > 0 and last["sent_per_sample"] > 0, last
     reads = jsonl(a / "shards.jsonl") + jsonl(b / "shards.jsonl")
     everything = [f"train-{i:06d}.tar" for i in range(16)]
     epochs = sorted({r["epoch"] for r in reads})

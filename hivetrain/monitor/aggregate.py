@@ -28,7 +28,7 @@ import hivemind
 from hivemind.utils import get_dht_time
 
 from ..leases import Board, current_epoch, parse_records, shard_list_fingerprint
-from ..metrics import MAX_RECORD_BYTES, MetricsRecord, metrics_key
+from ..metrics import MAX_RECORD_BYTES, MEASURES, MetricsRecord, metrics_key
 from . import refusals
 
 logger = logging.getLogger(__name__)
@@ -36,10 +36,8 @@ logger = logging.getLogger(__name__)
 STALE_INTERVALS = 3
 """A peer whose record is older than this many of its publishing intervals (plus `grace_s`) is stale."""
 
-PEER_FIELDS = (
-    "samples_per_s", "loss", "lr", "global_step", "data_epoch", "shards_read", "shards_claimed",
-    "data_wait_frac", "fetch_mb_s", "val_top1", "val_top5", "uptime", "samples",
-)  # fmt: skip
+PEER_FIELDS = (*MEASURES, "sync")
+"""What the table shows of each peer's record (besides its name, address and state)."""
 HISTORY_FIELDS = ("samples_per_s", "loss", "val_top1", "val_top5", "global_step", "peers")
 
 

@@ -23,6 +23,7 @@ from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_l
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 
 from ..errors import HivetrainError
+from ..metrics import MEASURES
 from .aggregate import RunMonitor
 
 log = logging.getLogger(__name__)
@@ -45,18 +46,7 @@ STATIC = {
 }
 
 PEER_GAUGES = (
-    ("samples_per_s", "hivetrain_peer_samples_per_second", "Training samples per second of one peer."),
-    ("loss", "hivetrain_peer_loss", "Training loss of one peer's last step."),
-    ("lr", "hivetrain_peer_learning_rate", "Learning rate of one peer."),
-    ("global_step", "hivetrain_peer_global_step", "Global optimizer step one peer is at."),
-    ("data_epoch", "hivetrain_peer_data_epoch", "Data epoch one peer reads."),
-    ("shards_read", "hivetrain_peer_shards_read", "Shards one peer has read."),
-    ("shards_claimed", "hivetrain_peer_shards_claimed", "Shards one peer holds under lease."),
-    ("data_wait_frac", "hivetrain_peer_data_wait_ratio", "Fraction of time one peer waits for data."),
-    ("fetch_mb_s", "hivetrain_peer_fetch_megabytes_per_second", "Shard download rate of one peer (MB/s)."),
-    ("val_top1", "hivetrain_peer_val_top1", "Last validation top-1 accuracy of one peer (0-1)."),
-    ("val_top5", "hivetrain_peer_val_top5", "Last validation top-5 accuracy of one peer (0-1)."),
-    ("uptime", "hivetrain_peer_uptime_seconds", "Seconds since one peer started publishing."),
+    *((name, f.field_info.extra["gauge"], f.field_info.description) for name, f in MEASURES.items()),
     ("age_s", "hivetrain_peer_record_age_seconds", "Age of one peer's last metrics record."),
 )
 RUN_GAUGES = (

@@ -64,6 +64,7 @@ class GlobalState:
         self.params = _cpu_copy(params)
         self.batchnorm = _cpu_copy(batchnorm)
         self.outer = torch.optim.SGD(self.params, lr=lr, momentum=momentum, nesterov=momentum > 0)
+        self.momentum = momentum > 0  # without momentum there are no buffers to share
         self.version = self.lineage = self.total = 0
 
     @torch.no_grad()
@@ -84,11 +85,11 @@ class GlobalState:
             self.version, self.lineage, self.total = outcome.version, outcome.lineage, outcome.total
 
     def export(self) -> tuple[dict[str, int], list[torch.Tensor]]:
-        """What a joining peer downloads: metadata, then parameters, outer momentum and BatchNorm."""
+        """What a joining peer downloads: metadata, then parameters, outer momentum (if any) and BatchNorm."""
         with self.lock:
             momentum = [
                 self.outer.state.get(g, {}).get("momentum_buffer", torch.zeros_like(g)) for g in self.params
-            ]
+            ] * self.momentum
             tensors = [t.clone() for t in (*self.params, *momentum, *self.batchnorm)]
             return dict(version=self.version, lineage=self.lineage, total=self.total), tensors
 
@@ -100,15 +101,16 @@ class GlobalState:
             version, lineage, total = (int(metadata[k]) for k in ("version", "lineage", "total"))
         except (TypeError, KeyError, ValueError):
             return False
-        shapes = [t.shape for t in (*self.params, *self.params, *self.batchnorm)]
-        if len(tensors) != 2 * n + m or [t.shape for t in tensors] != shapes:
+        k = n * (1 + self.momentum)
+        shapes = [t.shape for t in (*self.params, *self.params[: k - n], *self.batchnorm)]
+        if len(tensors) != k + m or [t.shape for t in tensors] != shapes:
             return False
         with self.lock:
             for g, t in zip(self.params, tensors[:n]):
                 g.copy_(t)
-            for g, t in zip(self.params, tensors[n : 2 * n]):
+            for g, t in zip(self.params, tensors[n:k]):
                 self.outer.state[g]["momentum_buffer"] = t.float().clone()
-            self.batchnorm = [t.float().clone() for t in tensors[2 * n :]]
+            self.batchnorm = [t.float().clone() for t in tensors[k:]]
             self.version, self.lineage, self.total = version, lineage, total
         return True
 

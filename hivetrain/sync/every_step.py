@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import functools
 import logging
+import time
 from typing import Any
 
 import hivemind
@@ -50,8 +51,15 @@ class EveryStep:
     # ---- what the training loop calls -----------------------------------------------------------------
 
     def step(self, batch_size: int) -> None:
-        """Accumulate this batch's gradients; averages and steps when the swarm has a global batch."""
+        """Accumulate this batch's gradients; averages and steps when the swarm has a global batch.
+
+        A call that ends a global step waits for the gradients' all-reduce: it counts as waiting on
+        averaging (the optimizer step it also makes takes milliseconds of it)."""
+        epoch, started = self._optimizer.local_epoch, time.perf_counter()
         self._optimizer.step(batch_size=batch_size)
+        if self._optimizer.local_epoch != epoch:
+            self.stats.add_wait(time.perf_counter() - started)
+            self.stats.rounds += 1
         self._optimizer.zero_grad()
 
     def zero_grad(self) -> None:

@@ -17,6 +17,7 @@
     lr: (v) => (v == null ? none : v.toPrecision(3)),
     pct: (v) => (v == null ? none : (100 * v).toFixed(1) + "%"),
     pct0: (v) => (v == null ? none : (100 * v).toFixed(0) + "%"),
+    kilo: (v) => (v == null ? none : (v / 1000).toFixed(1)),
     duration: (s) => {
       if (s == null) return none;
       s = Math.round(s);
@@ -76,7 +77,13 @@
     ["data_epoch", (p) => fmt.int(p.data_epoch), "num"],
     ["shards_read", (p) => fmt.int(p.shards_read), "num"],
     ["shards_claimed", (p) => fmt.int(p.shards_claimed), "num"],
+    ["sync", (p) => p.sync || none],
+    ["compute_frac", (p) => fmt.pct0(p.compute_frac), "num"],
+    ["sync_wait_frac", (p) => fmt.pct0(p.sync_wait_frac), "num"],
     ["data_wait_frac", (p) => fmt.pct0(p.data_wait_frac), "num"],
+    ["sent_per_s", (p) => fmt.kilo(p.sent_per_s), "num"],
+    ["received_per_s", (p) => fmt.kilo(p.received_per_s), "num"],
+    ["sent_per_sample", (p) => fmt.kilo(p.sent_per_sample), "num"],
     ["fetch_mb_s", (p) => fmt.rate(p.fetch_mb_s), "num"],
     ["val_top1", (p) => fmt.pct(p.val_top1), "num"],
     ["val_top5", (p) => fmt.pct(p.val_top5), "num"],
