@@ -1,8 +1,9 @@
 """Where a peer's time goes and what it costs the network: the figures of `metrics.jsonl`, the DHT
 metrics record and the monitor.
 
-    compute_frac     forward, backward and local optimizer steps, over the wall time since training began
-    sync_wait_frac   time the training loop waited on averaging (a round, a state download)
+    compute_s, compute_frac   forward, backward and local optimizer steps: seconds, and their share of
+                     the wall time since training began
+    sync_wait_s, sync_wait_frac   time the training loop waited on averaging (a round, a state download)
     data_wait_frac   time it waited for the next batch (over the steps' time, as before)
     sent_bytes, received_bytes, sent_per_s, received_per_s, sent_per_sample, received_per_sample
                      the p2p daemon's measured traffic (`hivetrain.traffic`), per second over the last
@@ -39,6 +40,7 @@ class Accounting:
         """The figures as of `now` (monotonic)."""
         wall = max(1e-9, now - self.started)
         out: dict[str, Any] = dict(
+            compute_s=self.compute_s, sync_wait_s=sync_wait_s,
             compute_frac=min(1.0, self.compute_s / wall), sync_wait_frac=min(1.0, sync_wait_s / wall),
             sent_bytes=None, received_bytes=None, sent_per_s=None, received_per_s=None,
             sent_per_sample=None, received_per_sample=None,

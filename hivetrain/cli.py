@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import sys
 import threading
 import warnings
 
@@ -36,10 +37,21 @@ def _route_hivemind_logs(verbose: int) -> None:
     use_hivemind_log_handler("nowhere")
     # Failed averaging rounds and the like are routine in a swarm (peers come and go) and hivemind
     # recovers from them; hivetrain reports what matters to the user itself.
-    levels = {0: logging.CRITICAL, 1: logging.WARNING}
-    logging.getLogger("hivemind").setLevel(levels.get(verbose, logging.INFO))
+    levels = {0: logging.CRITICAL, 1: logging.WARNING, 2: logging.INFO}
+    logging.getLogger("hivemind").setLevel(levels.get(verbose, logging.DEBUG))
     if not verbose:
         logging.getLogger("asyncio").addFilter(lambda r: "Task was destroyed" not in r.getMessage())
+        # hivemind's futures that outlive their event loop at shutdown complain from __del__
+        default_hook = sys.unraisablehook
+
+        def quiet_shutdown(unraisable) -> None:
+            if not (
+                isinstance(unraisable.exc_value, RuntimeError)
+                and "Event loop is closed" in str(unraisable.exc_value)
+            ):
+                default_hook(unraisable)
+
+        sys.unraisablehook = quiet_shutdown
         warnings.filterwarnings("ignore", message=r"Detected call of `lr_scheduler\.step\(\)` before")
 
 

@@ -24,6 +24,8 @@ LOOPBACK_MADDR = "/ip4/127.0.0.1/tcp/0"
 """Where a DHT node listens unless told otherwise: loopback, any free port (peers on this machine only)."""
 MODELS = ("resnet18", "resnet34", "resnet50")
 """`--model` choices: torchvision ResNets (hivetrain.recipe.build_model)."""
+OPTIMIZERS = ("sgd", "lars", "lamb")
+"""`--optimizer` choices (hivetrain.recipe.optimizer)."""
 SYNC_MODES = ("every-step", "diloco")
 """`--sync` choices, each a module of hivetrain.sync."""
 COMPRESSIONS = ("none", "fp16", "8bit")
@@ -123,7 +125,16 @@ class TrainOptions:
     val_split: str = setting("val", "The split to validate on (skipped when absent or unlabeled).")
     model: str | None = setting(None, "[by dataset: resnet50 for ImageNet]", type=click.Choice(MODELS))
     batch: int | None = setting(None, "Samples per local step [by dataset].", type=click.IntRange(min=1))
-    lr: float | None = setting(None, "Peak learning rate [0.1 x global batch / 256].", type=float)
+    optimizer: str = setting(
+        "sgd",
+        "The local optimizer: sgd (Nesterov momentum), or for large global batches lars (LARC: SGD with "
+        "layer-wise trust ratios, clipped) or lamb.",
+        type=click.Choice(OPTIMIZERS),
+    )
+    lr: float | None = setting(
+        None, "Peak learning rate [sgd, lars: 0.1 x global batch / 256; lamb: 0.004 x sqrt(global batch / 1024)].",
+        type=float,
+    )  # fmt: skip
     epochs: int | None = setting(
         None,
         "Training length in passes over the data: epochs x samples / global batch steps [by dataset].",
@@ -181,7 +192,7 @@ class TrainOptions:
     def recipe_overrides(self) -> dict[str, Any]:
         """The fields that override the dataset's `hivetrain.recipe.TrainingRecipe`."""
         return dict(
-            model=self.model, batch=self.batch, lr=self.lr, epochs=self.epochs,
+            model=self.model, optimizer=self.optimizer, batch=self.batch, lr=self.lr, epochs=self.epochs,
             target_global_bsz=self.target_global_bsz, image_size=self.image_size,
         )  # fmt: skip
 
@@ -191,9 +202,9 @@ class SyncOptions:
     """How the peers of a run combine their work (`hivetrain.sync`)."""
 
     sync: str = setting(
-        "every-step",
-        "every-step: average gradients every global step (hivemind.Optimizer; for fast links); diloco: "
-        "local steps, then an averaged outer step in the background (for internet links).",
+        "diloco",
+        "diloco: local steps, then an averaged outer step in the background (internet links); every-step: "
+        "average gradients every global step (hivemind.Optimizer; fast links only).",
         type=click.Choice(SYNC_MODES),
     )
     compression: str = setting(

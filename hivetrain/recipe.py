@@ -9,6 +9,7 @@ a function of the optimizer's global step (`hivemind.Optimizer.local_epoch`, one
 
 from __future__ import annotations
 
+import functools
 import math
 from dataclasses import dataclass, replace
 
@@ -29,6 +30,7 @@ class TrainingRecipe:
 
     model: str = "resnet18"
     image_size: int = 224
+    optimizer: str = "sgd"
     batch: int = 64
     target_global_bsz: int = 1024
     lr: float | None = None  # None: 0.1 * target_global_bsz / 256
@@ -39,7 +41,12 @@ class TrainingRecipe:
 
     @property
     def peak_lr(self) -> float:
-        return self.lr if self.lr is not None else 0.1 * self.target_global_bsz / 256
+        """The given lr, else the linear scaling rule for SGD and LARS, the square-root rule for LAMB."""
+        if self.lr is not None:
+            return self.lr
+        if self.optimizer == "lamb":
+            return 0.004 * math.sqrt(self.target_global_bsz / 1024)
+        return 0.1 * self.target_global_bsz / 256
 
     @property
     def stem(self) -> str:
@@ -55,28 +62,15 @@ maps at 32 px; below 64 px the first convolution is 3x3 with stride 1 ("small": 
 so that the last block always sees at least 4x4."""
 
 
+_SMALL_IMAGES = TrainingRecipe(
+    "resnet18", 32, batch=128, target_global_bsz=512, weight_decay=5e-4, epochs=60, warmup_epochs=2
+)
 RECIPES = {
     "imagenet-1k": TrainingRecipe(
         "resnet50", 224, batch=64, target_global_bsz=1024, epochs=90, warmup_epochs=5
     ),
-    "tiny-imagenet-200": TrainingRecipe(
-        "resnet18",
-        64,
-        batch=128,
-        target_global_bsz=512,
-        weight_decay=5e-4,
-        epochs=60,
-        warmup_epochs=2,
-    ),
-    "cifar-10": TrainingRecipe(
-        "resnet18",
-        32,
-        batch=128,
-        target_global_bsz=512,
-        weight_decay=5e-4,
-        epochs=60,
-        warmup_epochs=2,
-    ),
+    "tiny-imagenet-200": replace(_SMALL_IMAGES, image_size=64),
+    "cifar-10": _SMALL_IMAGES,
 }
 LAYOUT_SIZES = {"tiny-imagenet": 64, "cifar10": 32}
 
@@ -114,6 +108,24 @@ def build_model(recipe: TrainingRecipe, num_classes: int) -> nn.Module:
     if recipe.stem == "cifar":
         model.maxpool = nn.Identity()
     return model
+
+
+def optimizer(recipe: TrainingRecipe):
+    """A factory of the recipe's local optimizer over parameter groups (`hivetrain.sync` builds it).
+
+    sgd: Nesterov momentum 0.9, the reference recipe. lars: timm's LARS with clipped trust ratios
+    (LARC, trust coefficient 0.02): SGD whose per-layer step never exceeds what the layer's weights
+    bear, for global batches of many thousands. lamb: timm's LAMB (Adam with layer-wise trust ratios).
+    """
+    if recipe.optimizer == "sgd":
+        return functools.partial(torch.optim.SGD, lr=recipe.peak_lr, momentum=0.9, nesterov=True)
+    from timm.optim import Lamb, Lars
+
+    if recipe.optimizer == "lars":
+        return functools.partial(Lars, lr=recipe.peak_lr, momentum=0.9, trust_coeff=0.02, trust_clip=True)
+    if recipe.optimizer == "lamb":
+        return functools.partial(Lamb, lr=recipe.peak_lr)
+    raise HivetrainError(f"unknown optimizer {recipe.optimizer!r}; choose one of sgd, lars, lamb")
 
 
 def param_groups(model: nn.Module, weight_decay: float) -> list[dict]:

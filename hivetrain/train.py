@@ -211,9 +211,9 @@ class Peer:
             r = plan.recipe
             log.info(
                 "training %s on %s (%d classes, %d train samples): %s at %d px, batch %d, global batch %d, "
-                "peak lr %.3g, %d global steps, sync %s, device %s",
+                "%s peak lr %.3g, %d global steps, sync %s, device %s",
                 plan.manifest.dataset, o.shards, plan.manifest.num_classes, plan.manifest.split(o.split).num_samples,
-                r.model, r.image_size, r.batch, r.target_global_bsz, r.peak_lr, plan.total_steps,
+                r.model, r.image_size, r.batch, r.target_global_bsz, r.optimizer, r.peak_lr, plan.total_steps,
                 synchronizer.mode, plan.device,
             )  # fmt: skip
             yield cls(
@@ -410,10 +410,10 @@ def _sync_context(
     warmup = recipes.warmup_steps(r, plan.manifest.split(options.split).num_samples)
     return sync.SyncContext(
         dht=dht, run_id=run_id, model=model, param_groups=recipes.param_groups(model, r.weight_decay),
-        inner_optimizer=functools.partial(torch.optim.SGD, lr=r.peak_lr, momentum=0.9, nesterov=True),
+        inner_optimizer=recipes.optimizer(r),
         lr_schedule=functools.partial(recipes.lr_factor, warmup=warmup, total=plan.total_steps),
         batchnorm=recipes.batchnorm_buffers(model), batch=r.batch, target_global_bsz=r.target_global_bsz,
-        options=sync_options,
+        total_steps=plan.total_steps, options=sync_options,
     )  # fmt: skip
 
 

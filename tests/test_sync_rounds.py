@@ -40,16 +40,26 @@ def test_a_member_behind_loads_the_run_state_instead_of_stepping():
     assert (ahead.action, ahead.version, ahead.total) == ("apply", 4, 5400)
 
 
-def test_peers_that_stepped_apart_at_equal_versions_are_told_apart():
-    """Two peers that each stepped alone (a partition) reach version 2 on different parameters: the
-    smaller lineage wins, the other reloads; state downloads prefer the winner."""
+def test_the_state_with_more_samples_wins_over_more_steps_taken_alone():
+    """A peer cut off for a while stepped alone more often (version 9) than the group that trained on
+    (version 6), but on fewer samples: it takes the group's state, the group keeps its own."""
+    gathered = {"me": member(9, 5, 10, 2_000), "b": member(6, 8, 10, 4_000), "c": member(6, 8, 10, 4_000)}
+    cut_off = decide(gathered, version=9, lineage=5, total=2_000, samples=10)
+    assert (cut_off.action, cut_off.version, cut_off.lineage, cut_off.total) == ("load", 6, 8, 4_000)
+    group = decide(gathered, version=6, lineage=8, total=4_000, samples=10, peer_id="b")
+    assert (group.action, group.version, group.total) == ("apply", 7, 4_030)
+
+
+def test_peers_that_stepped_apart_with_equal_samples_are_told_apart():
+    """Two peers that each stepped alone (a partition) on as many samples end on different parameters:
+    the smaller lineage wins, the other reloads; state downloads prefer the winner."""
     mine, theirs = next_lineage(L1, 1, alone="me"), next_lineage(L1, 1, alone="b")
     assert mine != theirs
-    gathered = {"me": member(2, mine, 10, 900), "b": member(2, theirs, 10, 950)}
+    gathered = {"me": member(2, mine, 10, 900), "b": member(2, theirs, 10, 900)}
     winner, loser = sorted([mine, theirs])
-    assert decide(gathered, version=2, lineage=winner).action == "apply"
-    assert decide(gathered, version=2, lineage=loser).action == "load"
-    assert sharing_priority(2, winner) > sharing_priority(2, loser) > sharing_priority(1, 0)
+    assert decide(gathered, version=2, lineage=winner, total=900).action == "apply"
+    assert decide(gathered, version=2, lineage=loser, total=900).action == "load"
+    assert sharing_priority(900, winner) > sharing_priority(900, loser) > sharing_priority(899, 0)
 
 
 def test_failed_round_alone_steps_alone_and_with_others_skips():
@@ -85,3 +95,9 @@ def test_round_timing_follows_the_measured_rounds():
     assert t.timeout_s([], 5.0, 60.0) == 60.0
     assert t.timeout_s([4.0, 20.0], 5.0, 60.0) == 65.0
     assert t.timeout_s([1.0], 2.0, 60.0) == 30.0
+
+
+def test_default_local_steps_give_about_forty_rounds_within_bounds():
+    assert rounds.default_local_steps(112_000) == 128  # ImageNet, 90 epochs at a global batch of 1024
+    assert rounds.default_local_steps(2_000) == 50
+    assert rounds.default_local_steps(70) == 8  # the demo

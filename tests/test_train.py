@@ -70,6 +70,30 @@ def test_model_stem_follows_the_training_resolution_for_any_dataset(tmp_path, si
     assert features["out"].shape[-2:] == (last_map, last_map)
 
 
+@pytest.mark.parametrize(
+    ("name", "kind", "lr"), [("sgd", "SGD", 0.25), ("lars", "Lars", 0.25), ("lamb", "Lamb", 0.004)]
+)
+def test_local_optimizers_follow_their_lr_rule_and_learn(name, kind, lr):
+    assert recipe.TrainingRecipe(optimizer=name, target_global_bsz=640).peak_lr == pytest.approx(
+        lr if name != "lamb" else 0.004 * math.sqrt(640 / 1024)
+    )
+    r = recipe.TrainingRecipe("resnet18", 16, optimizer=name, target_global_bsz=64)
+    torch.manual_seed(0)
+    model = recipe.build_model(r, 4)
+    opt = recipe.optimizer(r)(recipe.param_groups(model, r.weight_decay))
+    assert type(opt).__name__ == kind
+    images, labels = torch.randn(32, 3, 16, 16), torch.arange(32) % 4
+    images += labels[:, None, None, None]  # a learnable signal
+    losses = []
+    for _ in range(20):
+        loss = torch.nn.functional.cross_entropy(model(images), labels)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        losses.append(loss.item())
+    assert losses[-1] < 0.5 * losses[0], losses
+
+
 def test_checkpoint_round_trip_and_identity_checks(tmp_path):
     ident = checkpoint.Identity("cifar-10", "abc", "resnet18", 10, 32)
     checkpoint.save(tmp_path / "latest.pt", identity=ident, state={"global_step": 7})

@@ -21,6 +21,11 @@ off, with ethtool, not installed by default). The forwarder shapes both directio
 says why not `tc`); a peer's link saturated both ways at 20 Mbit/s costs it ~8% of one core here, and
 `check` prints its share over the measurement.
 
+hivemind peers in the lab must each be given the addresses of the others (`--initial-peer` for every
+peer started before): libp2p treats 198.18.0.0/15 as unroutable, so two peers that know each other only
+through a third cannot open streams to each other (p2pd: "routing: not found") and their averaging
+rounds never form, though their DHT records still travel.
+
 Nothing is trusted unmeasured: `check` runs bulk TCP transfers each way and TCP connects between every
 peer and the hub at once, prints the achieved figures and raises `WanLabError` when one is off by more
 than the tolerance. Names carry this process's id, so parallel runs never collide; everything is torn

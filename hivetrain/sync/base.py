@@ -46,6 +46,7 @@ class SyncContext:
         lr_schedule: the learning-rate multiplier as a function of the global step.
         batchnorm: BatchNorm running statistics, averaged with the model.
         batch: samples per local step; target_global_bsz: samples across all peers per global step.
+        total_steps: the run's length in global steps.
         options: the user's `SyncOptions`.
     """
 
@@ -58,6 +59,7 @@ class SyncContext:
     batchnorm: Sequence[torch.Tensor]
     batch: int
     target_global_bsz: int
+    total_steps: int
     options: SyncOptions
 
     def compression(self) -> CompressionBase:

@@ -133,7 +133,7 @@ class GlobalState:
 
     @property
     def priority(self) -> float:
-        return rounds.sharing_priority(self.version, self.lineage)
+        return rounds.sharing_priority(self.total, self.lineage)
 
 
 @dataclass
@@ -163,6 +163,11 @@ class DiLoCo:
         self._base_lrs = [group["lr"] for group in self._inner.param_groups]
         self.state = GlobalState(self._params, self._batchnorm, lr=o.outer_lr, momentum=o.outer_momentum)
         self._peer_id = c.dht.peer_id.to_base58()
+        self.local_steps = o.local_steps or rounds.default_local_steps(c.total_steps)
+        log.info(
+            "diloco: averaging every %d local steps (swarm average), outer lr %g, momentum %g, %s on the wire",
+            self.local_steps, o.outer_lr, o.outer_momentum, o.compression,
+        )  # fmt: skip
         self._since = 0  # this peer's samples not yet folded into the global state
         self._step_floor = 0  # the global step never goes back, whatever a round's count says
         self._round: _Round | None = None
@@ -172,7 +177,7 @@ class DiLoCo:
         self._timing = rounds.RoundTiming()
         self.stats = SyncStats()
         self._tracker = ProgressTracker(
-            c.dht, f"{c.run_id}_diloco", target_batch_size=o.local_steps * c.batch, start=True,
+            c.dht, f"{c.run_id}_diloco", target_batch_size=self.local_steps * c.batch, start=True,
             min_refresh_period=0.5, max_refresh_period=5.0,
         )  # fmt: skip
         averaged = [torch.zeros_like(g) for g in self.state.params] + [
@@ -195,7 +200,7 @@ class DiLoCo:
         if self._round is not None and self._round.control.done():
             self._land()
         peers = self.num_peers
-        self._tracker.target_batch_size = self._options.local_steps * self._context.batch * peers
+        self._tracker.target_batch_size = self.local_steps * self._context.batch * peers
         in_round = self._since - (self._round.samples if self._round else 0)
         self._tracker.report_local_progress(self._tracker.local_progress.epoch, in_round)
         if self._tracker.ready_to_update_epoch:

@@ -12,7 +12,7 @@ import sys
 from pathlib import Path
 
 START, END = "<!-- fault-table:start -->", "<!-- fault-table:end -->"
-GROUPS = ["build", "fetch", "strangers", "serve", "swarm", "trainer"]
+GROUPS = ["build", "fetch", "strangers", "serve", "swarm", "network", "trainer"]
 
 
 def _cell(text: str) -> str:
