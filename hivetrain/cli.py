@@ -6,6 +6,7 @@ import logging
 import sys
 import threading
 import warnings
+from concurrent.futures import InvalidStateError
 
 import click
 
@@ -40,7 +41,7 @@ def _route_hivemind_logs(verbose: int) -> None:
     levels = {0: logging.CRITICAL, 1: logging.WARNING, 2: logging.INFO}
     logging.getLogger("hivemind").setLevel(levels.get(verbose, logging.DEBUG))
     if not verbose:
-        logging.getLogger("asyncio").addFilter(lambda r: "Task was destroyed" not in r.getMessage())
+        logging.getLogger("asyncio").addFilter(_routine_asyncio_record)
         # hivemind's futures that outlive their event loop at shutdown complain from __del__
         default_hook = sys.unraisablehook
 
@@ -53,6 +54,15 @@ def _route_hivemind_logs(verbose: int) -> None:
 
         sys.unraisablehook = quiet_shutdown
         warnings.filterwarnings("ignore", message=r"Detected call of `lr_scheduler\.step\(\)` before")
+
+
+def _routine_asyncio_record(record: logging.LogRecord) -> bool:
+    """False for asyncio's complaints about hivemind's tasks that are harmless: tasks dropped at shutdown,
+    and a round's task that finishes after the round was given up (it sets a cancelled future)."""
+    if "Task was destroyed" in record.getMessage():
+        return False
+    error = record.exc_info[1] if record.exc_info else None
+    return not (isinstance(error, InvalidStateError) and "CANCELLED" in str(error))
 
 
 @cli.command()

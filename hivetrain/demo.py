@@ -25,6 +25,9 @@ import time
 from pathlib import Path
 
 BIN = Path(sys.executable).parent
+DEMO_ENV = {"PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1"}
+"""Output as it comes; one compute thread per process, as the peers share this machine's cores (two
+peers of a thread per core each would contend and train several times slower)."""
 
 
 def _relay(proc: subprocess.Popen, prefix: str, sink: list[str]) -> threading.Thread:
@@ -72,7 +75,7 @@ def main(argv: list[str] | None = None) -> int:
     def start(prefix: str, sink: list[str], *cmd: str) -> subprocess.Popen:
         print(f"$ {' '.join(cmd)}", flush=True)
         proc = subprocess.Popen([str(BIN / cmd[0]), *cmd[1:]], stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                                text=True, start_new_session=True, env={**os.environ, "PYTHONUNBUFFERED": "1"})  # fmt: skip
+                                text=True, start_new_session=True, env={**os.environ, **DEMO_ENV})  # fmt: skip
         procs.append(proc)
         _relay(proc, prefix, sink)
         return proc

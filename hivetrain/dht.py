@@ -16,7 +16,10 @@ clocks more than 3 s apart) are turned into `PeerError` with the cause and the f
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import logging
+import threading
 import time
 from collections.abc import Iterable, Mapping, Sequence
 from functools import partial
@@ -28,6 +31,7 @@ from hivemind.dht.crypto import RSASignatureValidator
 from hivemind.dht.routing import DHTID
 from hivemind.dht.schema import BytesWithPublicKey, SchemaValidator
 from hivemind.dht.validation import DHTRecord, RecordValidatorBase
+from hivemind.p2p import PeerID
 from hivemind.utils import MAX_DHT_TIME_DISCREPANCY_SECONDS
 from hivemind.utils.crypto import RSAPrivateKey
 from hivemind.utils.multiaddr import Multiaddr
@@ -291,3 +295,60 @@ async def _ensure_run_validators(_dht: hivemind.DHT, node, run_id: str, schemas=
 def visible_addresses(dht: hivemind.DHT) -> list[str]:
     """The multiaddrs other peers can pass as `initial_peers` to join through this node."""
     return [str(address) for address in dht.get_visible_maddrs()]
+
+
+REJOIN_PERIOD_S = 20.0
+"""How often a peer checks that its initial peers are still in its routing table (one local lookup)."""
+
+
+class Rejoiner:
+    """Puts this node back in touch with its initial peers whenever they drop out of its routing table.
+
+    hivemind bootstraps from `initial_peers` once: a peer whose link was down for a minute has dropped
+    every other node from its routing table (and they it), and the two halves never find each other
+    again. hivemind has no re-bootstrap, so this thread pings the missing initial peers (which puts each
+    in the other's table), then looks up its own id to find the rest of the run through them.
+    """
+
+    def __init__(self, dht: hivemind.DHT, initial_peers: Sequence[str], *, period_s: float = REJOIN_PERIOD_S):
+        self._dht, self._period_s = dht, period_s
+        self._peers = [(PeerID.from_base58(Multiaddr(a)["p2p"]), Multiaddr(a)) for a in initial_peers]
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._loop, name="dht-rejoin", daemon=True)
+        self.rejoined = 0
+        """How many times a missing initial peer answered again."""
+
+    def start(self) -> Rejoiner:
+        if self._peers:
+            self._thread.start()
+        return self
+
+    def close(self) -> None:
+        self._stop.set()
+        if self._thread.is_alive():
+            self._thread.join(timeout=10)
+
+    def _loop(self) -> None:
+        while not self._stop.wait(self._period_s):
+            try:
+                found = self._dht.run_coroutine(partial(_rejoin, peers=self._peers))
+            except Exception as e:  # the DHT is shutting down or its process is gone
+                logger.debug("rejoin check failed: %r", e)
+                continue
+            if found:
+                self.rejoined += found
+                logger.info("back in touch with %d initial peer(s) of the run", found)
+
+
+async def _rejoin(_dht: hivemind.DHT, node, peers) -> int:
+    protocol = node.protocol
+    missing = [(peer_id, maddr) for peer_id, maddr in peers if peer_id not in protocol.routing_table]
+    found = 0
+    for peer_id, maddr in missing:
+        with contextlib.suppress(Exception):
+            await asyncio.wait_for(node.p2p._client.connect(peer_id, [maddr]), timeout=protocol.wait_timeout)
+        if await protocol.call_ping(peer_id) is not None:
+            found += 1
+    if found:
+        await node.find_nearest_nodes([node.node_id])
+    return found

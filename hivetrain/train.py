@@ -44,7 +44,7 @@ from .accounting import Accounting
 from .assign import ShardAssigner
 from .cache import ShardCache
 from .data import LoaderOptions, ShardDone, ShardRef, ShardStream, train_stream
-from .dht import make_dht, visible_addresses
+from .dht import Rejoiner, make_dht, visible_addresses
 from .errors import DataError, HivetrainError
 from .feed import ClaimFeed
 from .metrics import JsonLines, MetricsPublisher, MetricsRecords, Rate, describe_device
@@ -173,6 +173,7 @@ class Peer:
                 run_id=n.run_id, schemas=[MetricsRecords],
             )  # fmt: skip
             on_exit("leaving the DHT", dht.shutdown)
+            on_exit("stopping the rejoin check", Rejoiner(dht, n.initial_peers).start().close)
             addresses = [] if n.client_mode else visible_addresses(dht)
             (log_dir / "maddrs.txt").write_text("".join(a + "\n" for a in addresses))
             if not n.client_mode:

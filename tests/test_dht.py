@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import logging
+import time
+from functools import partial
 
 import hivemind
 import hivemind.dht.protocol
@@ -11,6 +13,7 @@ from hivemind.utils import get_dht_time
 from hivemind.utils.crypto import RSAPrivateKey
 
 from hivetrain.dht import (
+    Rejoiner,
     clock_offset,
     ensure_run_validators,
     make_dht,
@@ -18,6 +21,7 @@ from hivetrain.dht import (
     visible_addresses,
 )
 from hivetrain.errors import PeerError
+from tests.util import wait_until
 
 RUN = "dhttest"
 
@@ -48,6 +52,41 @@ def test_peers_join_and_only_owners_write_their_records(first):
         seen = second.get(f"{RUN}_shards", latest=True).value
         assert list(seen) == [mine] and seen[mine].value["claims"] == [dict(e=0, i=1, t=1.5)]
     finally:
+        second.shutdown()
+
+
+async def _forget_everyone(_dht, node) -> int:
+    table = node.protocol.routing_table
+    known = list(table.uid_to_peer_id)
+    for node_id in known:
+        del table[node_id]
+    return len(known)
+
+
+async def _knows(_dht, node, peer_id) -> bool:
+    return peer_id in node.protocol.routing_table
+
+
+def test_rejoiner_finds_initial_peers_again_after_both_forgot_each_other(first):
+    """What a link cut of a minute leaves behind: each node dropped the other from its routing table."""
+    second = make_dht(run_id=RUN, private_key=RSAPrivateKey(), initial_peers=visible_addresses(first))
+    rejoiner = Rejoiner(second, visible_addresses(first), period_s=0.2)
+    try:
+        assert second.run_coroutine(_forget_everyone) >= 1 and first.run_coroutine(_forget_everyone) >= 1
+        key = signing_key(first)
+        assert first.store(f"{RUN}_shards", record("after-the-cut"), get_dht_time() + 30, subkey=key)
+        assert second.get(f"{RUN}_shards", latest=True) is None  # the halves no longer find each other
+        rejoiner.start()
+        wait_until(lambda: rejoiner.rejoined >= 1, timeout=20, what="the rejoin")
+        assert second.run_coroutine(partial(_knows, peer_id=first.peer_id))
+        assert first.run_coroutine(partial(_knows, peer_id=second.peer_id))  # the ping put it back there too
+        seen = second.get(f"{RUN}_shards", latest=True).value
+        assert seen[key].value["peer"] == "after-the-cut"
+        rejoined = rejoiner.rejoined
+        time.sleep(1.0)
+        assert rejoiner.rejoined == rejoined  # nothing missing: no more pings
+    finally:
+        rejoiner.close()
         second.shutdown()
 
 

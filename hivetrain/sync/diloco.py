@@ -46,6 +46,10 @@ log = logging.getLogger(__name__)
 
 MATCHMAKING_GRACE_S = 2.0
 """A round whose group has not formed this long after its scheduled start is given up when waited for."""
+LOAD_STATE_TIMEOUT_S = 600.0
+"""How long a download of the run's state may take in all (a stall of a single chunk fails sooner): the
+whole model at full precision, over a volunteer's link that carries the others' rounds as well, as
+`hivemind.Optimizer`'s `load_state_timeout`."""
 
 
 def _cpu_copy(tensors: Sequence[torch.Tensor]) -> list[torch.Tensor]:
@@ -353,7 +357,12 @@ class DiLoCo:
     def _load_from_peers(self, params=None, batchnorm=None) -> bool:
         """Download the run's global state; the local state becomes it plus the steps since `params`."""
         started = time.monotonic()
-        loaded = self._averager.load_state_from_peers(timeout=self._options.averaging_timeout)
+        download = self._averager.load_state_from_peers(wait=False, timeout=self._options.averaging_timeout)
+        try:
+            loaded = download.result(timeout=LOAD_STATE_TIMEOUT_S)
+        except TimeoutError:
+            download.cancel()
+            loaded = None
         self.stats.add_wait(time.monotonic() - started)
         if loaded is None:
             log.warning("could not download the run's state from any peer; training on")
