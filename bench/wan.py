@@ -375,18 +375,22 @@ def part_loopback(args, setup: Setup, root: Path) -> None:
         )
 
 
+ACCURACY_CANDIDATES = {
+    "every-step": ("every-step", ("--sync", "every-step", "--matchmaking-time", "2")),
+    "fp16": ("diloco (default H), fp16", ("--sync", "diloco", "--compression", "fp16")),
+    "8bit": ("diloco (default H), 8-bit", ("--sync", "diloco", "--compression", "8bit")),
+    "nesterov": (
+        "diloco, outer Nesterov 0.7/0.9",
+        ("--sync", "diloco", "--outer-lr", "0.7", "--outer-momentum", "0.9"),
+    ),
+}
+"""The accuracy part's modes (`--candidates`); every-step, the baseline, first."""
+
+
 def part_accuracy(args, setup: Setup, root: Path) -> None:
-    candidates = [
-        ("every-step", ("--sync", "every-step", "--matchmaking-time", "2")),
-        ("diloco (default H), fp16", ("--sync", "diloco", "--compression", "fp16")),
-        ("diloco (default H), 8-bit", ("--sync", "diloco", "--compression", "8bit")),
-        (
-            "diloco, outer Nesterov 0.7/0.9",
-            ("--sync", "diloco", "--outer-lr", "0.7", "--outer-momentum", "0.9"),
-        ),
-    ]
     results: dict[str, list[float]] = {}
-    for name, flags in candidates:
+    for key in args.candidates.split(","):
+        name, flags = ACCURACY_CANDIDATES[key]
         for seed in range(args.seeds):
             print(f"-- accuracy: {name}, seed {seed}", flush=True)
             run = setup.args(f"acc-{time.time_ns()}", epochs=args.epochs, seed=seed)
@@ -424,6 +428,10 @@ def main() -> None:
     parser.add_argument("--calibrate", type=float, default=60.0, help="seconds of the step-time calibration")
     parser.add_argument("--local-steps", type=int, default=64, help="H of the diloco rows (bytes, link)")
     parser.add_argument("--seeds", type=int, default=3)
+    parser.add_argument(
+        "--candidates", default=",".join(ACCURACY_CANDIDATES),
+        help="accuracy: modes to compare, from: " + ", ".join(ACCURACY_CANDIDATES) + " (every-step first)",
+    )  # fmt: skip
     parser.add_argument("--epochs", type=int, default=6, help="accuracy: passes over the data")
     parser.add_argument("--per-class", type=int, default=300, help="training images per class")
     parser.add_argument("--size", type=int, default=16, help="image side (px)")
@@ -431,6 +439,12 @@ def main() -> None:
     parser.add_argument("--hard", action="store_true", help="48 classes instead of 10")
     parser.add_argument("--keep", type=Path, help="keep the peers' logs in this folder")
     args = parser.parse_args()
+    candidates = args.candidates.split(",")
+    unknown = sorted(set(candidates) - set(ACCURACY_CANDIDATES))
+    if unknown or candidates[0] != "every-step":
+        parser.error(
+            f"--candidates: unknown {unknown}" if unknown else "--candidates: every-step comes first"
+        )
     print(f"machine: {platform.machine()}, {os.cpu_count()} cores, Python {platform.python_version()}; "
           f"command: {' '.join(sys.argv)}", flush=True)  # fmt: skip
     with tempfile.TemporaryDirectory(prefix="bench-wan-") as tmp:

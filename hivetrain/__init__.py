@@ -2,7 +2,8 @@
 
 Where things live:
     options.py     every setting of a peer (default, help, flag): the CLI's options come from it
-    dht.py         joining a run's DHT: signed, schema-checked records; start-up failures explained
+    dht.py         joining a run's DHT: signed, schema-checked records; start-up failures explained;
+                   rejoining the initial peers after a link outage
     assign/        dividing each epoch's shards among peers with signed leases in the DHT
     leases.py      the lease decision itself, pure: records + time -> next shard, epoch state
     cache.py       bounded local shard cache: verified copies, on-demand fetch (shardtool.transport)

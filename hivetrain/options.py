@@ -213,9 +213,10 @@ class SyncOptions:
         type=click.Choice(COMPRESSIONS),
     )
 
-    local_steps: int = setting(
-        64,
-        "diloco: local steps per peer between averaging rounds (swarm average).",
+    local_steps: int | None = setting(
+        None,
+        "diloco: local steps per peer between averaging rounds (swarm average) [a fortieth of the run's "
+        "global steps, 8 to 128].",
         type=click.IntRange(min=1),
     )
     outer_lr: float = setting(

@@ -8,6 +8,8 @@ from dataclasses import dataclass, field
 from typing import Any, Protocol
 
 import hivemind
+import hivemind.compression.serialization
+import numpy as np
 import torch
 from hivemind.compression import (
     CompressionBase,
@@ -20,6 +22,29 @@ from hivemind.compression import (
 from ..options import COMPRESSIONS, SyncOptions
 
 
+class Uniform8Bit(Uniform8BitQuantization):
+    """hivemind's uniform 8-bit codec, with a decoder that works under numpy 2.
+
+    hivemind 1.1.12 reads the codebook size with `int()` of a one-element array, which numpy 2 refuses:
+    every 8-bit part then failed to decode on its receiver, which dropped that sender from the round, so
+    each peer's "averaged" result held only its own parts and nobody noticed. Installed as hivemind's
+    decoder for UNIFORM_8BIT (the decoders are one process-wide table that the averagers' forked
+    processes inherit); the bytes on the wire are hivemind's, so peers without the fix still decode
+    ours (and fail on theirs, as before)."""
+
+    def extract(self, serialized_tensor) -> torch.Tensor:
+        buffer = serialized_tensor.buffer
+        codebook_size = int(np.frombuffer(buffer, count=1, dtype=np.int64)[0])
+        codebook = np.frombuffer(buffer, offset=8, count=codebook_size, dtype=self.codebook_dtype)
+        quantized = np.frombuffer(buffer, offset=8 + codebook.nbytes, dtype=self.indices_dtype)
+        quantized = torch.as_tensor(quantized, dtype=torch.int64).reshape(tuple(serialized_tensor.size))
+        codebook = torch.as_tensor(codebook).to(dtype=getattr(torch, serialized_tensor.dtype))
+        return codebook[quantized].requires_grad_(serialized_tensor.requires_grad)
+
+
+hivemind.compression.serialization._BASE_COMPRESSION_TYPES["UNIFORM_8BIT"] = Uniform8Bit()
+
+
 def compression(name: str) -> CompressionBase:
     """The hivemind codec for `--compression`: none, fp16, or 8bit (uniform 8-bit quantisation of every
     tensor part of at least 64 Ki values, fp16 for the small ones: biases, BatchNorm, the tail part)."""
@@ -28,9 +53,7 @@ def compression(name: str) -> CompressionBase:
     if name == "fp16":
         return Float16Compression()
     if name == "8bit":
-        return SizeAdaptiveCompression(
-            1 << 16, less=Float16Compression(), greater_equal=Uniform8BitQuantization()
-        )
+        return SizeAdaptiveCompression(1 << 16, less=Float16Compression(), greater_equal=Uniform8Bit())
     raise ValueError(f"unknown compression {name!r}; choose one of {', '.join(COMPRESSIONS)}")
 
 
