@@ -13,9 +13,11 @@ When the stream reports a shard finished, `finish` records it with the assigner 
 from __future__ import annotations
 
 import logging
+import queue
 import threading
-from collections import deque
 from collections.abc import Iterator
+from concurrent.futures import Future
+from pathlib import Path
 
 from shardtool.errors import FetchError
 
@@ -24,6 +26,9 @@ from .cache import ShardCache
 from .data import ShardDone, ShardRef
 
 log = logging.getLogger(__name__)
+
+_Ahead = tuple[Claim, Future[Path]]
+"""A claim and its download."""
 
 
 class ClaimFeed:
@@ -56,45 +61,87 @@ class ClaimFeed:
         self.samples_read = 0
 
     def __iter__(self) -> Iterator[ShardRef]:
-        pending: deque[tuple[Claim, object]] = deque()
-        exhausted = False
-        while not self._stop.is_set():
-            while not exhausted and len(pending) < self.depth and not self._stop.is_set():
-                # With downloads in flight, only take a shard that is free now; else wait for one.
-                claim = self.assigner.next_claim(timeout=0.0 if pending else None)
-                if claim is None:
-                    exhausted = not pending  # a blocking call returned None: the run is over
-                    break
-                pending.append((claim, self.cache.prefetch(self._shards[claim.shard])))
-            if not pending:
-                if exhausted:
-                    return
-                continue
-            claim, future = pending.popleft()
-            shard = self._shards[claim.shard]
-            try:
-                path = future.result()
-            except FetchError as e:
-                self.fetch_failures += 1
-                self.cache.unpin(claim.shard)
-                failures = self._failures[claim.shard] = self._failures.get(claim.shard, 0) + 1
-                if failures < self.max_failures:
-                    log.warning("giving %s back to the run (failure %d): %s", claim.shard, failures, e.reason)
-                    self.assigner.release(claim)
+        """The claimed shards, in claim order, once each is downloaded and verified.
+
+        A thread claims ahead: a claim is a DHT round (publish, settle, re-read) of a second or more,
+        many seconds on a link busy with an averaging round, and the reader must not wait on it while
+        a claimed shard is ready. `depth` claims download ahead of the reader: all but one wait in the
+        queue, the last in the thread."""
+        ahead: queue.Queue[_Ahead | None] = queue.Queue(maxsize=max(1, self.depth - 1))
+        done = threading.Event()
+        threading.Thread(
+            target=self._claim_ahead, args=(ahead, done), name="claim-ahead", daemon=True
+        ).start()
+        try:
+            while (entry := self._take(ahead)) is not None:
+                claim, future = entry
+                shard = self._shards[claim.shard]
+                try:
+                    path = future.result()
+                except FetchError as e:
+                    self._failed(claim, e)
+                    continue
+                yield ShardRef(path, shard.name, shard.num_samples, tag=claim)
+        finally:
+            done.set()
+            self._give_back(ahead)
+
+    def _claim_ahead(self, ahead: queue.Queue[_Ahead | None], done: threading.Event) -> None:
+        """The claiming thread: claim, start the download, queue; None queued once the run is over."""
+        try:
+            while not (done.is_set() or self._stop.is_set()):
+                claim = self.assigner.next_claim()  # None: the run is over, or the assigner closed
+                entry = None if claim is None else (claim, self.cache.prefetch(self._shards[claim.shard]))
+                while not (done.is_set() or self._stop.is_set()):
+                    try:
+                        ahead.put(entry, timeout=0.2)
+                        break
+                    except queue.Full:
+                        continue
                 else:
-                    log.error(
-                        "skipping %s in epoch %d: no source has good bytes: %s",
-                        claim.shard,
-                        claim.epoch,
-                        e.reason,
-                    )
-                    self.unavailable.append(claim.shard)
-                    self.assigner.complete(claim, 0)
+                    if entry is not None:
+                        self._release(*entry)
+                if entry is None:
+                    return
+        finally:
+            if done.is_set() or self._stop.is_set():
+                self._give_back(ahead)  # what it queued after the reader left
+
+    def _take(self, ahead: queue.Queue[_Ahead | None]) -> _Ahead | None:
+        while not self._stop.is_set():
+            try:
+                return ahead.get(timeout=0.2)
+            except queue.Empty:
                 continue
-            yield ShardRef(path, shard.name, shard.num_samples, tag=claim)
-        for claim, _ in pending:
-            self.cache.unpin(claim.shard)
+        return None
+
+    def _give_back(self, ahead: queue.Queue[_Ahead | None]) -> None:
+        while True:
+            try:
+                entry = ahead.get_nowait()
+            except queue.Empty:
+                return
+            if entry is not None:
+                self._release(*entry)
+
+    def _release(self, claim: Claim, _download) -> None:
+        self.cache.unpin(claim.shard)
+        self.assigner.release(claim)
+
+    def _failed(self, claim: Claim, e: FetchError) -> None:
+        """A shard no source served: back to the run, or after `max_failures` recorded as read, empty."""
+        self.fetch_failures += 1
+        self.cache.unpin(claim.shard)
+        failures = self._failures[claim.shard] = self._failures.get(claim.shard, 0) + 1
+        if failures < self.max_failures:
+            log.warning("giving %s back to the run (failure %d): %s", claim.shard, failures, e.reason)
             self.assigner.release(claim)
+        else:
+            log.error(
+                "skipping %s in epoch %d: no source has good bytes: %s", claim.shard, claim.epoch, e.reason
+            )
+            self.unavailable.append(claim.shard)
+            self.assigner.complete(claim, 0)
 
     def finish(self, done: ShardDone) -> None:
         """The stream consumed every sample of a shard: record it as read and let the cache evict it."""
