@@ -147,6 +147,12 @@ def test_fetch_from_python_http_server(shard_dir, tmp_path):
     assert same_files(shard_dir, tmp_path, finals(tmp_path))
 
 
+def _ctrl_c_as_in_a_terminal() -> None:
+    """SIGINT back to its default in the child: a suite started in the background (`make test &`)
+    passes SIGINT on ignored, and Python then installs no KeyboardInterrupt handler."""
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
 @contextlib.contextmanager
 def fetch_from_a_slow_mirror(directory: Path, out: Path, rate: float, **popen):
     """A `shardtool fetch` process reading `directory` from a mirror that sends `rate` bytes a second;
@@ -154,6 +160,7 @@ def fetch_from_a_slow_mirror(directory: Path, out: Path, rate: float, **popen):
     with FaultyMirror(directory, Faults(rate=rate)) as slow:
         proc = subprocess.Popen(
             [BIN / "shardtool", "fetch", directory / "manifest.json", "--out", out, "--from", slow.url],
+            preexec_fn=_ctrl_c_as_in_a_terminal,
             **popen,
         )
         try:

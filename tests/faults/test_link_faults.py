@@ -46,11 +46,14 @@ def test_peer_whose_link_is_cut_for_a_minute_rejoins_and_nobody_waits(tmp_path, 
             return lab.popen(i, [
                 str(BIN / "hivetrain"), "run", "--shards", str(manifest), "--run-id", "cut", "--image-size", "32",
                 "--batch", "16", "--target-global-bsz", "48", "--workers", "0", "--epochs", "1000", "--lease", "10",
-                "--sync", "diloco", "--local-steps", "16", "--matchmaking-time", "2", "--averaging-timeout", "15",
+                "--sync", "diloco", "--local-steps", "48", "--matchmaking-time", "2", "--averaging-timeout", "15",
                 "--val-interval", "1000000", "--host-maddr", f"/ip4/{lab.address(i)}/tcp/0", "--log-dir", str(logs[i]),
                 *extra,
             ], stdout=out, stderr=out)  # fmt: skip
 
+        # 48 local steps (~25 s here) between rounds: a state download (the whole model in fp32 over
+        # 40 Mbit/s) fits between two rounds, so a peer that takes the run's state is not behind again
+        # by the time it has it
         # every peer is given every earlier one: in the lab's address range libp2p does not route
         # through a third node (tests/wanlab.py), so peers that only share a bootstrap never average
         procs, known = [], []
@@ -67,7 +70,8 @@ def test_peer_whose_link_is_cut_for_a_minute_rejoins_and_nobody_waits(tmp_path, 
         time.sleep(CUT_S)
         lab.restore(1)
         restored_at = time.time()
-        # it rejoins: it finds the others again (its DHT re-contacts its initial peer), then a round
+        # it rejoins: it finds the others again (hivetrain.dht.Rejoiner re-contacts its initial peer
+        # where the outage emptied the routing tables), then a round
         # lands for it with them, or it takes the run's state
         wait_until(
             lambda: last(logs[1]).get("peers", 0) == 3, timeout=120, what="peer 1 to see the others again"
@@ -78,7 +82,6 @@ def test_peer_whose_link_is_cut_for_a_minute_rejoins_and_nobody_waits(tmp_path, 
             or last(logs[1]).get("sync_rounds", 0) > rounds_at_rejoin + 1,
             timeout=180, what="the cut-off peer to rejoin the averaging",
         )  # fmt: skip
-        assert "back in touch with 1 initial peer(s)" in (logs[1] / "stdout.txt").read_text()
         for p in procs:
             p.terminate()
         for p in procs:
