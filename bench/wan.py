@@ -284,6 +284,15 @@ def summary(windows: list[Window]) -> dict:
 # ---- the parts ---------------------------------------------------------------------------------------
 
 
+def lab_missing(part: str) -> bool:
+    """True (and says why) when the emulated links cannot be built here (not root, no namespaces)."""
+    from tests.wanlab import unavailable_reason
+
+    if reason := unavailable_reason():
+        print(f"{part} part skipped: {reason}")
+    return bool(reason)
+
+
 def run_modes(lab, setup: Setup, args, work: Path, label: str) -> list[tuple[Mode, dict]]:
     rows = []
     for mode in modes(args.local_steps):
@@ -296,10 +305,9 @@ def run_modes(lab, setup: Setup, args, work: Path, label: str) -> list[tuple[Mod
 
 
 def part_bytes(args, setup: Setup, root: Path) -> None:
-    from tests.wanlab import WanLab, unavailable_reason
+    from tests.wanlab import WanLab
 
-    if reason := unavailable_reason():
-        print(f"bytes part skipped: {reason}")
+    if lab_missing("bytes"):
         return
     with WanLab(peers=4, rate_mbit=1000, rtt_ms=25) as lab:
         rows = run_modes(lab, setup, args, root / "bytes", "bytes")
@@ -322,10 +330,9 @@ def part_bytes(args, setup: Setup, root: Path) -> None:
 
 
 def part_link(args, setup: Setup, root: Path) -> None:
-    from tests.wanlab import WanLab, unavailable_reason
+    from tests.wanlab import WanLab
 
-    if reason := unavailable_reason():
-        print(f"link part skipped: {reason}")
+    if lab_missing("link"):
         return
     with WanLab(peers=4, rate_mbit=1000, rtt_ms=0) as lab:  # calibration: the same namespaces, no limit
         swarm = start_swarm(in_lab(lab), 4, root / "calibrate",

@@ -21,7 +21,7 @@ from shardtool.datasets import known_datasets
 from shardtool.manifest import Manifest
 
 from .errors import HivetrainError
-from .options import MODELS
+from .options import MODELS, OPTIMIZERS
 
 
 @dataclass(frozen=True)
@@ -125,7 +125,7 @@ def optimizer(recipe: TrainingRecipe):
         return functools.partial(Lars, lr=recipe.peak_lr, momentum=0.9, trust_coeff=0.02, trust_clip=True)
     if recipe.optimizer == "lamb":
         return functools.partial(Lamb, lr=recipe.peak_lr)
-    raise HivetrainError(f"unknown optimizer {recipe.optimizer!r}; choose one of sgd, lars, lamb")
+    raise HivetrainError(f"unknown optimizer {recipe.optimizer!r}; choose one of {', '.join(OPTIMIZERS)}")
 
 
 def param_groups(model: nn.Module, weight_decay: float) -> list[dict]:

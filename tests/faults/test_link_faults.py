@@ -53,8 +53,8 @@ def test_peer_whose_link_is_cut_for_a_minute_rejoins_and_nobody_waits(tmp_path, 
 
         # 48 local steps (~25 s here) between rounds: a state download (the whole model in fp32 over
         # 40 Mbit/s) fits between two rounds, so a peer that takes the run's state is not behind again
-        # by the time it has it
-        # every peer is given every earlier one: in the lab's address range libp2p does not route
+        # by the time it has it.
+        # Every peer is given every earlier one: in the lab's address range libp2p does not route
         # through a third node (tests/wanlab.py), so peers that only share a bootstrap never average
         procs, known = [], []
         for i in range(3):
@@ -71,8 +71,8 @@ def test_peer_whose_link_is_cut_for_a_minute_rejoins_and_nobody_waits(tmp_path, 
         lab.restore(1)
         restored_at = time.time()
         # it rejoins: it finds the others again (hivetrain.dht.Rejoiner re-contacts its initial peer
-        # where the outage emptied the routing tables), then a round
-        # lands for it with them, or it takes the run's state
+        # where the outage emptied the routing tables), then a round lands for it with them, or it
+        # takes the run's state
         wait_until(
             lambda: last(logs[1]).get("peers", 0) == 3, timeout=120, what="peer 1 to see the others again"
         )
