@@ -187,7 +187,7 @@ class TrainOptions:
     lease: float = setting(
         30.0, "Seconds before an unrenewed shard claim passes to other peers.", type=click.FloatRange(min=1)
     )
-    seed: int = setting(0, "Shard order seed (the same on all peers).")
+    seed: int = setting(0, "Seed of the shard order and of the initial weights (the same on all peers).")
 
     def recipe_overrides(self) -> dict[str, Any]:
         """The fields that override the dataset's `hivetrain.recipe.TrainingRecipe`."""

@@ -100,11 +100,17 @@ def training_recipe(manifest: Manifest, **overrides) -> TrainingRecipe:
     return recipe
 
 
-def build_model(recipe: TrainingRecipe, num_classes: int) -> nn.Module:
-    """A torchvision ResNet with random weights (never a download), its stem fitted to the resolution."""
-    model = getattr(torchvision.models, recipe.model)(weights=None, num_classes=num_classes)
-    if recipe.stem in ("small", "cifar"):
-        model.conv1 = nn.Conv2d(3, 64, kernel_size=3, stride=1, padding=1, bias=False)
+def build_model(recipe: TrainingRecipe, num_classes: int, *, seed: int = 0) -> nn.Module:
+    """A torchvision ResNet with random weights (never a download), its stem fitted to the resolution.
+
+    The weights are drawn from `seed` (the global random state is left as it was): every peer of a run
+    starts from the same model, as averaging needs. Peers that started apart would keep their starting
+    difference for ever, since each round moves every peer's copy by the same average."""
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        model = getattr(torchvision.models, recipe.model)(weights=None, num_classes=num_classes)
+        if recipe.stem in ("small", "cifar"):
+            model.conv1 = nn.Conv2d(3, 64, kernel_size=3, stride=1, padding=1, bias=False)
     if recipe.stem == "cifar":
         model.maxpool = nn.Identity()
     return model

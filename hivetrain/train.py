@@ -278,10 +278,12 @@ class Peer:
                 shards_read=self.feed.shards_read, peers=self.sync.num_peers,
                 fetch_mb_s=self.cache.stats.fetch_mb_s, corrupt=stream.stats.corrupt, missing=stream.stats.missing,
                 skipped_steps=self.summary.skipped_steps, sync_rounds=self.sync.stats.rounds,
+                sync_version=self.sync.stats.version, state_downloads=self.sync.stats.downloads,
                 **accounting.fields(now=time.monotonic(), sync_wait_s=self.sync.stats.wait_s,
                                     traffic=self.traffic.totals() if self.traffic else None),
             )  # fmt: skip
-            if self.sync.global_step - last_val >= self.val_interval:
+            at_end = self.sync.global_step >= self.plan.total_steps  # validated after the last round
+            if self.sync.global_step - last_val >= self.val_interval and not at_end:
                 last_val = self.sync.global_step
                 record.update(self._validate_and_save())
             self.metrics.write(record)
@@ -291,6 +293,10 @@ class Peer:
         self.summary.shards_read = self.feed.shards_read
         finished = not self.stop_event.is_set()  # a stop (Ctrl-C, SIGTERM) should not wait for a validation
         if finished:
+            # the shards this peer holds go back first: a peer still training may need them to reach
+            # the last round, which waits for it
+            self.feed.stop()
+            self.assigner.close()
             self.sync.finish()
         self.summary.global_step = self.sync.global_step
         if finished and (self.sync.global_step != last_val or not self.summary.val):
@@ -393,7 +399,7 @@ class Peer:
 
 
 def _build_model(plan: Plan, options: TrainOptions, resume: dict | None) -> nn.Module:
-    model = recipes.build_model(plan.recipe, plan.manifest.num_classes)
+    model = recipes.build_model(plan.recipe, plan.manifest.num_classes, seed=options.seed)
     if options.weights:
         checkpoint.load_weights(model, options.weights)
     if resume is not None:

@@ -35,9 +35,11 @@ def test_members_in_step_apply_and_count_every_sample():
 def test_a_member_behind_loads_the_run_state_instead_of_stepping():
     gathered = {"me": member(1, L1, 100, 1000), "b": member(3, 77, 300, 5000)}
     out = decide(gathered)
-    assert (out.action, out.version, out.lineage, out.total) == ("load", 3, 77, 5000)
+    # it learns where the round took the run, and from where (to replay the step on a download)
+    assert (out.action, out.base_version, out.base_lineage) == ("load", 3, 77)
     ahead = decide(gathered, version=3, lineage=77, total=5000, samples=300, peer_id="b")
     assert (ahead.action, ahead.version, ahead.total) == ("apply", 4, 5400)
+    assert (out.version, out.lineage, out.total) == (ahead.version, ahead.lineage, ahead.total)
 
 
 def test_the_state_with_more_samples_wins_over_more_steps_taken_alone():
@@ -45,9 +47,10 @@ def test_the_state_with_more_samples_wins_over_more_steps_taken_alone():
     (version 6), but on fewer samples: it takes the group's state, the group keeps its own."""
     gathered = {"me": member(9, 5, 10, 2_000), "b": member(6, 8, 10, 4_000), "c": member(6, 8, 10, 4_000)}
     cut_off = decide(gathered, version=9, lineage=5, total=2_000, samples=10)
-    assert (cut_off.action, cut_off.version, cut_off.lineage, cut_off.total) == ("load", 6, 8, 4_000)
+    assert (cut_off.action, cut_off.base_version, cut_off.base_lineage) == ("load", 6, 8)
     group = decide(gathered, version=6, lineage=8, total=4_000, samples=10, peer_id="b")
     assert (group.action, group.version, group.total) == ("apply", 7, 4_030)
+    assert (cut_off.version, cut_off.lineage) == (group.version, group.lineage)
 
 
 def test_peers_that_stepped_apart_with_equal_samples_are_told_apart():
@@ -101,3 +104,39 @@ def test_default_local_steps_give_about_forty_rounds_within_bounds():
     assert rounds.default_local_steps(112_000) == 128  # ImageNet, 90 epochs at a global batch of 1024
     assert rounds.default_local_steps(2_000) == 50
     assert rounds.default_local_steps(70) == 8  # the demo
+
+
+def recorded(*bases):
+    """The outcomes a loading peer recorded for rounds that stepped from these (version, lineage)s."""
+    return [rounds.Outcome("load", v + 1, next_lineage(lin, v), 0, 2, v, lin) for v, lin in bases]
+
+
+def test_a_download_behind_the_run_is_brought_forward_by_the_rounds_recorded_meanwhile():
+    L2 = next_lineage(L1, 1)
+    L3 = next_lineage(L2, 2)
+    steps = recorded((1, L1), (2, L2), (3, L3))
+    # the download is of version 1 (it began before the first recorded round landed): all three apply
+    assert rounds.replay(1, L1, steps) == steps
+    # of version 2: the first is already in it
+    assert rounds.replay(2, L2, steps) == steps[1:]
+    # newer than every recorded round: nothing to apply, in step already
+    assert rounds.replay(4, next_lineage(L3, 3), steps) == []
+    assert rounds.replay(1, L1, []) == []
+
+
+def test_recorded_rounds_that_do_not_chain_on_from_the_download_mean_downloading_again():
+    L2 = next_lineage(L1, 1)
+    assert rounds.replay(1, L1, recorded((2, L2))) is None  # the round from 1 to 2 was missed
+    assert rounds.replay(1, 99, recorded((1, L1))) is None  # the download is of another lineage
+    assert rounds.replay(1, L1, recorded((1, L1), (3, 5))) is None  # a gap after the first
+
+
+def test_a_round_that_one_member_began_as_the_last_is_the_last_for_all():
+    gathered = {"me": member(4, L1, 10, 900), "b": dict(member(4, L1, 30, 900), final=True)}
+    assert rounds.is_last_round(gathered)
+    assert not rounds.is_last_round(
+        {"me": member(4, L1, 10, 900), "b": dict(member(4, L1, 30, 900), final=False)}
+    )
+    assert not rounds.is_last_round(
+        {"me": member(4, L1, 10, 900), "b": dict(member(4, L1, 30, 900), final=1)}
+    )

@@ -95,6 +95,8 @@ class SyncStats:
 
     rounds: int = 0
     failed_rounds: int = 0
+    downloads: int = 0  # of the run's state from peers
+    version: int = 0  # of the state this peer trains on (rounds applied to it, its own and downloaded)
     wait_s: float = 0.0
     last_round_s: float | None = None
     _lock: threading.Lock = field(default_factory=threading.Lock, repr=False)

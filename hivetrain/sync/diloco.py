@@ -8,7 +8,8 @@ so a faster peer contributes more samples, and nobody waits for the slowest), th
 pseudo-gradients, the distance from the run's global parameters to their local ones, weighted by the
 samples behind each, and every peer applies the average to its copy of the global parameters with the
 outer optimizer (SGD, `--outer-lr`, Nesterov momentum `--outer-momentum`). BatchNorm statistics are
-averaged in the same round. The last round of training is a plain average of the local models.
+averaged in the same round. The last round of training is a plain average of the local models; a
+peer that takes part in another's last round ends there too, so that the peers end on one model.
 
 Overlap: a round's all-reduce runs in hivemind's averager process while training goes on. When it lands,
 the local parameters move by what the outer step changed, keeping the steps taken meanwhile (the delta
@@ -16,6 +17,12 @@ rule: local += new global - snapshot). Training waits only if a round is still r
 one is due. A peer sends about two compressed model copies per round, so bytes per sample fall as
 1 / (H x batch). The round rules (who applies, who reloads state, what a lone peer does) are pure, in
 `hivetrain.sync.rounds`; hivemind does the matchmaking, all-reduce and state download.
+
+Catching up: a peer that must take the run's state (a joiner, or a member that missed a round) downloads
+it in the background and meanwhile takes part in the rounds with no weight, keeping each round's
+averaged step; when the download lands, the steps that follow it are applied on it. However long the
+download takes next to the time between rounds, the peer is then in step (without this, a download that
+outlasts a round is behind when it lands, and the peer downloads again at every round, for ever).
 
 hivemind has no outer optimizer of its own (its local-updates mode averages parameters, without outer
 momentum), hence this module.
@@ -29,7 +36,7 @@ import threading
 import time
 from collections.abc import Sequence
 from concurrent.futures import InvalidStateError
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
@@ -46,6 +53,12 @@ log = logging.getLogger(__name__)
 
 MATCHMAKING_GRACE_S = 2.0
 """A round whose group has not formed this long after its scheduled start is given up when waited for."""
+FINAL_MATCHMAKING_S = 10.0
+"""The least time the last round waits for partners: the others notice it through the progress tracker
+(refreshed every 5 s at most), and join it however soon they would have averaged otherwise."""
+MAX_RECORDED_ROUNDS = 16
+"""The most rounds a catching-up peer keeps (each a model's worth of averaged step) while its download
+is in flight; a download slower than that many rounds is replaced by a newer one."""
 LOAD_STATE_TIMEOUT_S = 600.0
 """How long a download of the run's state may take in all (a stall of a single chunk fails sooner): the
 whole model at full precision, over a volunteer's link that carries the others' rounds as well, as
@@ -141,6 +154,21 @@ class GlobalState:
 
 
 @dataclass
+class _CatchUp:
+    """A download of the run's state in flight, and the rounds that landed since it began (with their
+    averaged steps), to be applied on it when it lands."""
+
+    download: Any  # hivemind's future of (metadata, tensors)
+    params: list[torch.Tensor]  # local state when the peer fell behind: what its progress is counted from
+    batchnorm: list[torch.Tensor]
+    samples: int  # this peer's samples that went into a state it does not hold: dropped once caught up
+    started: float  # monotonic
+    steps: list[tuple[rounds.Outcome, list[torch.Tensor], list[torch.Tensor], bool]] = field(
+        default_factory=list
+    )
+
+
+@dataclass
 class _Round:
     """A round in flight: its control, and the local state it averaged (the snapshot it started from)."""
 
@@ -151,6 +179,7 @@ class _Round:
     started: float  # monotonic
     deadline: float  # monotonic: give up waiting for it then
     final: bool = False  # the last round: a plain average, no outer step
+    weightless: bool = False  # taken part in while catching up: receives the average, adds nothing
 
 
 class DiLoCo:
@@ -175,6 +204,8 @@ class DiLoCo:
         self._since = 0  # this peer's samples not yet folded into the global state
         self._step_floor = 0  # the global step never goes back, whatever a round's count says
         self._round: _Round | None = None
+        self._catching_up: _CatchUp | None = None
+        self._ended = False  # a last round landed: the run's model is final
         self._intervals: list[float] = []  # seconds between recent rounds
         self._durations: list[float] = []  # seconds recent rounds took
         self._last_begin: float | None = None
@@ -201,15 +232,22 @@ class DiLoCo:
         self._inner.step()
         self._inner.zero_grad()
         self._since += batch_size
+        self._poll(in_round=self._since - (self._round.samples if self._round else 0))
+        self._set_lr()
+
+    def _poll(self, *, in_round: int) -> None:
+        """Land the round in flight if it is done, report progress, begin a round if one is due, and
+        finish catching up if the download has landed."""
         if self._round is not None and self._round.control.done():
             self._land()
         peers = self.num_peers
         self._tracker.target_batch_size = self.local_steps * self._context.batch * peers
-        in_round = self._since - (self._round.samples if self._round else 0)
         self._tracker.report_local_progress(self._tracker.local_progress.epoch, in_round)
-        if self._tracker.ready_to_update_epoch:
+        if self._tracker.ready_to_update_epoch and not self._ended:
             self._begin(peers)
-        self._set_lr()
+        if self._catching_up is not None and self._catching_up.download.done():
+            self._finish_catching_up()
+        self.stats.version = self.state.version
 
     def zero_grad(self) -> None:
         self._inner.zero_grad()
@@ -220,7 +258,7 @@ class DiLoCo:
             total=self.state.total, local_since=self._since, peers=self.num_peers,
             target_global_bsz=self._context.target_global_bsz,
         )  # fmt: skip
-        self._step_floor = max(self._step_floor, step)
+        self._step_floor = max(self._step_floor, step, self._context.total_steps if self._ended else 0)
         return self._step_floor
 
     @property
@@ -232,19 +270,28 @@ class DiLoCo:
         return max(1, self._tracker.global_progress.num_peers)
 
     def catch_up(self) -> None:
-        """A late joiner takes the run's global state before its first step."""
+        """A late joiner takes the run's global state before its first step (its own model is the
+        initial one: nothing of it is worth training on meanwhile)."""
         self._tracker.fetched_global_progress_this_epoch.wait(timeout=10.0)
         if self._tracker.global_progress.epoch > self._tracker.local_progress.epoch:
             log.info("the run is at round %d: downloading its state from peers", self._tracker.global_epoch)
-            if self._load_from_peers():
-                log.info("loaded state from peers: now at global step %d", self.global_step)
+            started, waited = time.monotonic(), self.stats.wait_s
+            self._start_catching_up(_cpu_copy(self._params), _cpu_copy(self._batchnorm), samples=0)
+            while self._catching_up is not None:
+                self._poll(in_round=0)
+                time.sleep(0.05)
+            self.stats.add_wait(time.monotonic() - started - (self.stats.wait_s - waited))  # all of it
+            log.info("now at global step %d", self.global_step)
 
     def finish(self) -> None:
         """Land the round in flight, then average once more, plainly (no outer step: momentum would
         carry the model on past the end of the schedule), so that the peers end on one model."""
         if self._round is not None:
             self._wait_and_land()
-        if self.num_peers > 1 and self._since > 0:
+        if self._catching_up is not None:
+            self._catching_up.download.result(timeout=LOAD_STATE_TIMEOUT_S)
+            self._finish_catching_up()
+        if self.num_peers > 1 and self._since > 0 and not self._ended:
             self._begin(self.num_peers, final=True)
             if self._round is not None:
                 self._wait_and_land()
@@ -263,25 +310,32 @@ class DiLoCo:
             self._tracker.update_epoch(self._tracker.local_progress.epoch + 1)
         params, batchnorm = _cpu_copy(self._params), _cpu_copy(self._batchnorm)
         s = self.state
+        weightless = self._catching_up is not None
+        if peers <= 1 and weightless:  # the run's state is being downloaded: nothing to step on alone
+            return
         if peers <= 1:  # nobody to average with: an outer step of its own, at once
             lineage = rounds.next_lineage(s.lineage, s.version, alone=self._peer_id)
             outcome = rounds.Outcome("apply-alone", s.version + 1, lineage, s.total + self._since)
             self._apply(outcome, params, batchnorm, self._since, averaged=False)
             return
+        samples = 0 if weightless else self._since
         with torch.no_grad(), self._averager.get_tensors() as tensors:
             for tensor, g, x in zip(tensors, s.params, params):
-                torch.sub(g, x, out=tensor)
+                tensor.zero_() if weightless else torch.sub(g, x, out=tensor)
             for tensor, b in zip(tensors[len(params) :], batchnorm):
                 tensor.copy_(b)
         interval = sum(self._intervals) / len(self._intervals) if self._intervals else None
         matchmaking = self._timing.matchmaking_s(interval, self._options.matchmaking_time)
+        if final:
+            matchmaking = max(matchmaking, FINAL_MATCHMAKING_S)
         timeout = self._timing.timeout_s(self._durations, matchmaking, self._options.averaging_timeout)
         control = self._averager.step(
-            gather=dict(version=s.version, lineage=s.lineage, samples=self._since, total=s.total),
-            weight=float(max(self._since, 1)), scheduled_time=get_dht_time() + matchmaking, timeout=timeout,
-            allow_retries=False, wait=False,
+            gather=dict(version=s.version, lineage=s.lineage, samples=samples, total=s.total, final=final),
+            weight=0.0 if weightless else float(max(samples, 1)), scheduled_time=get_dht_time() + matchmaking,
+            timeout=timeout, allow_retries=False, wait=False,
         )  # fmt: skip
-        self._round = _Round(control, params, batchnorm, self._since, now, now + matchmaking + timeout, final)
+        deadline = now + matchmaking + timeout
+        self._round = _Round(control, params, batchnorm, samples, now, deadline, final, weightless)
 
     def _wait_and_land(self) -> None:
         """Wait for the round in flight: while its all-reduce runs (until its deadline), but not for a
@@ -317,17 +371,37 @@ class DiLoCo:
             self._durations = [*self._durations[-4:], time.monotonic() - current.started]
             self.stats.last_round_s = self._durations[-1]
         log.debug("round at version %d: %s, %d member(s)", s.version, outcome.action, outcome.members)
-        if outcome.action == "skip" or (current.final and outcome.action == "apply-alone"):
-            return  # contributes to the next round (or, at the end, keeps its own model)
+        final = current.final or (gathered is not None and rounds.is_last_round(gathered))
+        if outcome.action == "skip" or (outcome.action == "apply-alone" and (final or current.weightless)):
+            return  # contributes to the next round (or, at the end or while catching up, keeps its own model)
         if outcome.action == "load":
-            log.info("this peer missed a round: taking the run's state from peers")
-            if self._load_from_peers(current.params, current.batchnorm):
-                self._since -= current.samples
+            if self._catching_up is None:
+                log.info("this peer missed a round: taking the run's state from peers")
+                self._start_catching_up(current.params, current.batchnorm, samples=current.samples)
+            self._record(outcome, final)
             return
+        if self._catching_up is not None:  # the run's state is this peer's after all (the others left)
+            self._catching_up.download.cancel()
+            self._catching_up = None
         self._apply(
             outcome, current.params, current.batchnorm, current.samples, averaged=outcome.action == "apply",
-            plain=current.final,
+            plain=final,
         )  # fmt: skip
+        if final:
+            self._end()
+
+    @torch.no_grad()
+    def _end(self) -> None:
+        """A last round landed: the local model becomes the run's (the few steps this peer took while
+        the round ran are dropped, so that every peer ends on the same model), and training stops."""
+        for p, g in zip(self._params, self.state.params):
+            p.copy_(g)
+        for b, g in zip(self._batchnorm, self.state.batchnorm):
+            b.copy_(g)
+        self._since, self._ended = 0, True
+        log.info(
+            "the run's last round landed (%d peers): training ends on the averaged model", self.num_peers
+        )
 
     def _apply(
         self, outcome, params, batchnorm, samples: int, *, averaged: bool, plain: bool = False
@@ -354,29 +428,58 @@ class DiLoCo:
         for b, g, x in zip(self._batchnorm, self.state.batchnorm, batchnorm):
             b.add_((g - x).to(b.device, b.dtype))
 
-    def _load_from_peers(self, params=None, batchnorm=None) -> bool:
-        """Download the run's global state; the local state becomes it plus the steps since `params`."""
-        started = time.monotonic()
+    def _start_catching_up(self, params, batchnorm, *, samples: int) -> None:
+        """Begin downloading the run's state, and take part in rounds with no weight until it lands."""
         download = self._averager.load_state_from_peers(wait=False, timeout=self._options.averaging_timeout)
+        self._catching_up = _CatchUp(download, params, batchnorm, samples, time.monotonic())
+        self.stats.downloads += 1
+        with self._tracker.pause_updates():  # take part in the run's next round, not in one of its own
+            self._tracker.update_epoch(max(self._tracker.global_epoch, self._tracker.local_progress.epoch))
+
+    def _record(self, outcome: rounds.Outcome, plain: bool) -> None:
+        """Keep a round's averaged step (what its members in step applied), to apply on the download."""
+        if outcome.base_version is None:
+            return
+        with self._averager.get_tensors() as tensors:
+            n = len(self._params)
+            step = (outcome, [t.clone() for t in tensors[:n]], [t.clone() for t in tensors[n:]], plain)
+        self._catching_up.steps = [*self._catching_up.steps[-(MAX_RECORDED_ROUNDS - 1) :], step]
+
+    def _finish_catching_up(self) -> None:
+        """The download landed: take it, apply the recorded rounds that follow it, move the local state
+        by what the global state moved; download again when they do not chain on from it."""
+        catching_up, self._catching_up = self._catching_up, None
         try:
-            loaded = download.result(timeout=LOAD_STATE_TIMEOUT_S)
-        except TimeoutError:
-            download.cancel()
+            loaded = catching_up.download.result(timeout=0)
+        except Exception as e:  # timeout, cancelled, or no peer could send it
+            log.debug("state download failed: %r", e)
             loaded = None
-        self.stats.add_wait(time.monotonic() - started)
         if loaded is None:
             log.warning("could not download the run's state from any peer; training on")
-            return False
-        params = params if params is not None else _cpu_copy(self._params)
-        batchnorm = batchnorm if batchnorm is not None else _cpu_copy(self._batchnorm)
+            return
         if not self.state.adopt(*loaded):
             log.warning("a peer sent a state of the wrong shape; ignored")
-            return False
-        self._rebase(params, batchnorm)
-        with self._tracker.pause_updates():
-            self._tracker.update_epoch(max(self._tracker.global_epoch, self.state.version))
+            return
+        chain = rounds.replay(self.state.version, self.state.lineage, [o for o, *_ in catching_up.steps])
+        if chain is None:
+            log.info("the state downloaded is of a round this peer did not record: downloading again")
+            self._start_catching_up(catching_up.params, catching_up.batchnorm, samples=catching_up.samples)
+            self._catching_up.steps = catching_up.steps
+            return
+        chosen, ended = {id(outcome) for outcome in chain}, False
+        for outcome, deltas, batchnorm, plain in catching_up.steps:
+            if id(outcome) in chosen:
+                self.state.step(deltas, batchnorm, outcome, plain=plain)
+                ended |= plain
+        self._since -= catching_up.samples
+        self._rebase(catching_up.params, catching_up.batchnorm)
         self._averager.state_sharing_priority = self.state.priority
-        return True
+        log.info(
+            "took the run's state: round %d, %d round(s) that landed during the %.0f s download applied on it",
+            self.state.version, len(chain), time.monotonic() - catching_up.started,
+        )  # fmt: skip
+        if ended:
+            self._end()
 
     def _set_lr(self) -> None:
         factor = self._context.lr_schedule(self.global_step)

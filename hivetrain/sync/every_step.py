@@ -60,6 +60,7 @@ class EveryStep:
         if self._optimizer.local_epoch != epoch:
             self.stats.add_wait(time.perf_counter() - started)
             self.stats.rounds += 1
+        self.stats.version = self._optimizer.local_epoch
         self._optimizer.zero_grad()
 
     def zero_grad(self) -> None:
@@ -85,6 +86,7 @@ class EveryStep:
         if progress.epoch > self._optimizer.local_epoch:
             log.info("the run is at global step %d: downloading its state from peers", progress.epoch)
             self._optimizer.load_state_from_peers()
+            self.stats.downloads += 1
             log.info("loaded state from peers: now at global step %d", self._optimizer.local_epoch)
 
     def finish(self) -> None:

@@ -17,6 +17,10 @@ the others' versions, lineages and sample counts with the averaged tensors, so e
   applying an outer step to parameters the others no longer have; state downloads prefer the same
   winner (`sharing_priority`). A peer cut off for a while and stepping alone thus rejoins the group,
   which trained more samples meanwhile, rather than overriding it;
+* a download of the whole state can take longer than the time between two rounds (the model in fp32
+  over a volunteer's link), so the state that lands is already behind. The loading peer keeps taking
+  part in the rounds meanwhile, with no weight, and records each round's averaged step; once the
+  download lands it applies the recorded steps that follow it (`replay`), and is in step with the run;
 * a round that found no partner: alone in the run, the peer applies its own outer step (a lone DiLoCo
   peer is local SGD with an outer optimizer); with others around it keeps training and contributes its
   progress to the next round (`skip`), so nobody waits for anybody.
@@ -24,8 +28,9 @@ the others' versions, lineages and sample counts with the averaged tensors, so e
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
 LINEAGE_BITS = 32
@@ -79,6 +84,8 @@ class Outcome:
     lineage: int
     total: int  # the run's samples once the outcome is carried out
     members: int = 1
+    base_version: int | None = None  # `load`: the state the round's members in step stepped from
+    base_lineage: int | None = None
 
 
 def after_round(
@@ -109,10 +116,35 @@ def after_round(
         return Outcome("skip", version, lineage, total)
     members = [g for g in map(Gathered.of, gathered.values()) if g is not None]
     best = max([Gathered(version, lineage, samples, total), *members], key=lambda g: (g.total, -g.lineage))
+    stepped = Outcome(
+        "apply", best.version + 1, next_lineage(best.lineage, best.version),
+        best.total + sum(g.samples for g in members), len(members), best.version, best.lineage,
+    )  # fmt: skip
     if (version, lineage) != (best.version, best.lineage):
-        return Outcome("load", best.version, best.lineage, best.total, len(members))
-    total_after = total + sum(g.samples for g in members)
-    return Outcome("apply", version + 1, next_lineage(lineage, version), total_after, len(members))
+        return dataclasses.replace(stepped, action="load")
+    return stepped
+
+
+def replay(version: int, lineage: int, steps: Sequence[Outcome]) -> list[Outcome] | None:
+    """The recorded round outcomes that take a downloaded state at (`version`, `lineage`) to the newest
+    state they reach, in order (those the download already holds left out); None when they do not
+    chain on from it (a round in between was missed, or the download is of another lineage): the peer
+    must download again."""
+    chain = []
+    for step in steps:
+        if step.base_version < version:
+            continue
+        if (step.base_version, step.base_lineage) != (version, lineage):
+            return None
+        chain.append(step)
+        version, lineage = step.version, step.lineage
+    return chain
+
+
+def is_last_round(gathered: Mapping[object, object]) -> bool:
+    """Whether a member began this round as the run's last (it reached the end of the schedule): then
+    every member makes it a plain average and ends there, and the peers end on one model."""
+    return any(isinstance(g, Mapping) and g.get("final") is True for g in gathered.values())
 
 
 def default_local_steps(total_steps: int) -> int:

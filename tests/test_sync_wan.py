@@ -1,0 +1,70 @@
+"""`--sync diloco` over emulated internet links (tests/wanlab.py; needs root): what a slow link does to
+joining a run.
+
+A state download is the whole model in fp32; on a volunteer's link it can take longer than the time
+between two rounds, so the state a joiner receives is already old when it lands.
+"""
+
+from __future__ import annotations
+
+import pytest
+
+from tests.shardset import make_shard_set
+from tests.test_train import jsonl
+from tests.util import BIN, wait_until
+from tests.wanlab import WanLab, unavailable_reason
+
+pytestmark = [pytest.mark.wan, pytest.mark.slow]
+
+
+def last(log_dir) -> dict:
+    lines = [m for m in jsonl(log_dir / "metrics.jsonl") if "step" in m]
+    return lines[-1] if lines else {}
+
+
+@pytest.mark.timeout(600)
+def test_a_joiner_whose_download_outlasts_a_round_catches_up(tmp_path):
+    reason = unavailable_reason()
+    if reason:
+        pytest.skip(reason)
+    manifest = make_shard_set(tmp_path / "shards", {"train": (24, 16), "val": (1, 16)}).origin
+    logs = [tmp_path / f"peer{i}" for i in range(3)]
+    # 16 local steps are ~8 s here; the model's state (ResNet-18, 45 MB in fp32) takes longer than that
+    # over 40 Mbit/s, and longer still while the link carries the others' rounds
+    with WanLab(peers=3, rate_mbit=40, rtt_ms=10) as lab:
+
+        def start(i: int, *extra: str):
+            logs[i].mkdir()
+            out = (logs[i] / "stdout.txt").open("w")
+            return lab.popen(i, [
+                str(BIN / "hivetrain"), "run", "--shards", str(manifest), "--run-id", "join", "--image-size", "32",
+                "--batch", "16", "--target-global-bsz", "48", "--workers", "0", "--epochs", "1000",
+                "--sync", "diloco", "--local-steps", "16", "--matchmaking-time", "2", "--averaging-timeout", "15",
+                "--val-interval", "1000000", "--host-maddr", f"/ip4/{lab.address(i)}/tcp/0", "--log-dir", str(logs[i]),
+                *extra,
+            ], stdout=out, stderr=out)  # fmt: skip
+
+        procs, known = [], []
+        for i in range(3):
+            procs.append(start(i, *known))
+            maddrs = logs[i] / "maddrs.txt"
+            known += ["--initial-peer", wait_until(lambda m=maddrs: m.exists() and m.read_text().split(),
+                                                   timeout=120, what=f"peer {i}'s address")[0]]  # fmt: skip
+            if i == 1:  # the third peer joins a run that has averaged a few times
+                wait_until(lambda: all(last(d).get("sync_rounds", 0) >= 3 for d in logs[:2]), timeout=300,
+                           what="the first two peers to average three times")  # fmt: skip
+        joiner = logs[2]
+        wait_until(lambda: last(joiner).get("sync_rounds", 0) >= 3, timeout=300,
+                   what="the joiner to take part in three rounds as a member in step")  # fmt: skip
+        for p in procs:
+            p.terminate()
+        for p in procs:
+            p.wait(timeout=120)
+
+    out = (joiner / "stdout.txt").read_text()
+    downloads = out.count("downloading its state") + out.count("taking the run's state")
+    print(f"  joiner: {downloads} state download(s), {last(joiner)['sync_rounds']} rounds in step")
+    assert "round(s) that landed during the" in out
+    assert downloads <= 3, "each download was already behind when it landed"
+    versions = {last(d)["sync_version"] for d in logs}
+    assert max(versions) - min(versions) <= 1, versions
