@@ -2,8 +2,9 @@
 
 `ClaimFeed` is the iterable a `ShardStream` reads. It claims the next shard from the `ShardAssigner`,
 starts its download in the shard cache at once, and yields `ShardRef`s (tagged with the claim) in
-claim order, keeping `depth` downloads in flight so that reading never waits on the network when the
-bandwidth allows. A shard that cannot be fetched from any source is released for others (their mirrors
+claim order, keeping shards claimed and downloading ahead so that reading never waits on the network
+when the bandwidth allows: at least `depth`, and as many more as the reader gets through during one
+claim round (`read_ahead`, from the measured claim rounds and shard reads). A shard that cannot be fetched from any source is released for others (their mirrors
 may serve it) and counted; once this peer has failed to fetch it `max_failures` times it is recorded as
 read with 0 samples and reported in `unavailable`, so that an epoch never waits forever for bytes that
 no source has.
@@ -13,8 +14,12 @@ When the stream reports a shard finished, `finish` records it with the assigner 
 from __future__ import annotations
 
 import logging
+import math
 import queue
+import statistics
 import threading
+import time
+from collections import deque
 from collections.abc import Iterator
 from concurrent.futures import Future
 from pathlib import Path
@@ -30,6 +35,28 @@ log = logging.getLogger(__name__)
 _Ahead = tuple[Claim, Future[Path]]
 """A claim and its download."""
 
+MAX_READ_AHEAD = 16
+"""The most shards held claimed ahead of the reader, whatever the claim rounds cost: each one is a
+shard the others cannot read until this peer does (at an epoch's end, or if this peer dies)."""
+
+
+def read_ahead(*, least: int, claim_s: float | None, read_s: float | None, most: int = MAX_READ_AHEAD) -> int:
+    """Shards to hold claimed ahead of the reader: `least`, and as many more as it reads during one
+    claim round, so that the next claims land before it runs dry.
+
+    A claim round is a DHT round (publish, settle, re-read) of a second or so, but many seconds on a
+    volunteer's link that an averaging round fills (14 s measured on a 10 Mbit/s emulated link, where a
+    shard took 4.5 s to read): with a fixed read-ahead of two the reader waited a third of its time.
+
+    Args:
+        least: the floor (what the reader mixes at once, and one more).
+        claim_s: the slowest recent claim round (None: none measured yet).
+        read_s: the time the reader takes per shard, recently (None: not measured yet).
+    """
+    if not claim_s or not read_s:
+        return least
+    return max(least, min(most, least + math.ceil(claim_s / read_s)))
+
 
 class ClaimFeed:
     """Claims -> local shard files, for one split.
@@ -38,7 +65,7 @@ class ClaimFeed:
         assigner: hands out this peer's shards (DHT leases, or all shards when alone).
         cache: obtains verified local copies.
         split: the manifest split the assigner's shard names belong to.
-        depth: shards claimed and downloading ahead of the one being read.
+        depth: the least shards claimed and downloading ahead of the one being read.
     """
 
     def __init__(
@@ -59,15 +86,25 @@ class ClaimFeed:
         self.unavailable: list[str] = []
         self.shards_read = 0
         self.samples_read = 0
+        self._room = threading.Condition()
+        self._outstanding = 0  # claims taken and not yet finished, released or failed
+        self._finished_at: deque[float] = deque(maxlen=9)  # when recent shards were finished (monotonic)
+
+    @property
+    def depth_now(self) -> int:
+        """The read-ahead the feed keeps now (`read_ahead` of what it measured)."""
+        with self._room:
+            claim_s = max(self.assigner.claim_rounds_s, default=None)
+            gaps = [b - a for a, b in zip(self._finished_at, list(self._finished_at)[1:])]
+        return read_ahead(least=self.depth, claim_s=claim_s, read_s=statistics.median(gaps) if gaps else None)
 
     def __iter__(self) -> Iterator[ShardRef]:
         """The claimed shards, in claim order, once each is downloaded and verified.
 
         A thread claims ahead: a claim is a DHT round (publish, settle, re-read) of a second or more,
         many seconds on a link busy with an averaging round, and the reader must not wait on it while
-        a claimed shard is ready. `depth` claims download ahead of the reader: all but one wait in the
-        queue, the last in the thread."""
-        ahead: queue.Queue[_Ahead | None] = queue.Queue(maxsize=max(1, self.depth - 1))
+        a claimed shard is ready. `depth_now` claims are held ahead of the reader at a time."""
+        ahead: queue.Queue[_Ahead | None] = queue.Queue()
         done = threading.Event()
         threading.Thread(
             target=self._claim_ahead, args=(ahead, done), name="claim-ahead", daemon=True
@@ -90,17 +127,20 @@ class ClaimFeed:
         """The claiming thread: claim, start the download, queue; None queued once the run is over."""
         try:
             while not (done.is_set() or self._stop.is_set()):
-                claim = self.assigner.next_claim()  # None: the run is over, or the assigner closed
+                with self._room:
+                    while (room := self.depth_now - self._outstanding) <= 0 and not (
+                        done.is_set() or self._stop.is_set()
+                    ):
+                        self._room.wait(0.2)
+                claim = self.assigner.next_claim(batch=room)  # None: the run is over, or the assigner closed
+                with self._room:
+                    self._outstanding += claim is not None
                 entry = None if claim is None else (claim, self.cache.prefetch(self._shards[claim.shard]))
-                while not (done.is_set() or self._stop.is_set()):
-                    try:
-                        ahead.put(entry, timeout=0.2)
-                        break
-                    except queue.Full:
-                        continue
-                else:
+                if done.is_set() or self._stop.is_set():
                     if entry is not None:
                         self._release(*entry)
+                    return
+                ahead.put(entry)
                 if entry is None:
                     return
         finally:
@@ -124,14 +164,24 @@ class ClaimFeed:
             if entry is not None:
                 self._release(*entry)
 
+    def _settled(self, *, read: bool) -> None:
+        """A claim is over (read, given back or failed): room for another."""
+        with self._room:
+            self._outstanding -= 1
+            if read:
+                self._finished_at.append(time.monotonic())
+            self._room.notify_all()
+
     def _release(self, claim: Claim, _download) -> None:
         self.cache.unpin(claim.shard)
         self.assigner.release(claim)
+        self._settled(read=False)
 
     def _failed(self, claim: Claim, e: FetchError) -> None:
         """A shard no source served: back to the run, or after `max_failures` recorded as read, empty."""
         self.fetch_failures += 1
         self.cache.unpin(claim.shard)
+        self._settled(read=False)
         failures = self._failures[claim.shard] = self._failures.get(claim.shard, 0) + 1
         if failures < self.max_failures:
             log.warning("giving %s back to the run (failure %d): %s", claim.shard, failures, e.reason)
@@ -153,6 +203,7 @@ class ClaimFeed:
         self.assigner.complete(done.tag, done.samples)
         self.shards_read += 1
         self.samples_read += done.samples
+        self._settled(read=True)
 
     def stop(self) -> None:
         """Stop claiming; the shards claimed ahead are released."""

@@ -54,8 +54,10 @@ from .transforms import recipe_for as image_recipe_for
 
 log = logging.getLogger(__name__)
 
-FEED_DEPTH = 2
-"""Shards claimed and downloading ahead of the one being read."""
+FEED_DEPTH = 4
+"""The least shards claimed and not yet read: the two the reader mixes at once (its shuffle buffer
+holds two shards' samples) and two downloading ahead; the feed adds more while claim rounds are slow
+(`hivetrain.feed.read_ahead`)."""
 
 
 @dataclass

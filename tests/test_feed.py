@@ -10,7 +10,7 @@ import pytest
 from hivetrain.assign import ShardAssigner
 from hivetrain.cache import ShardCache
 from hivetrain.data import Batch, LoaderOptions, ShardDone, train_stream
-from hivetrain.feed import ClaimFeed
+from hivetrain.feed import MAX_READ_AHEAD, ClaimFeed, read_ahead
 from shardtool import manifest as mf
 from shardtool.transport.serve import ShardServer
 from tests.shardset import make_shard_set
@@ -139,3 +139,14 @@ def test_damaged_local_copy_is_not_used(tmp_path):
     samples, feed, _ = run_feed(manifest, tmp_path)  # no HTTP source: the damaged shard is unavailable
     assert samples == {"train-000000.tar": 10}
     assert feed.unavailable == ["train-000001.tar"]
+
+
+def test_read_ahead_covers_a_claim_round_with_shards_to_read():
+    # nothing measured yet, or claims as fast as reads: the floor
+    assert read_ahead(least=4, claim_s=None, read_s=None) == 4
+    assert read_ahead(least=4, claim_s=1.0, read_s=None) == 4
+    # a 14 s claim round (a link full of averaging) against 4.5 s per shard: four more shards
+    assert read_ahead(least=4, claim_s=14.0, read_s=4.5) == 8
+    assert read_ahead(least=4, claim_s=0.5, read_s=4.5) == 5
+    # never past the cap, however slow the DHT
+    assert read_ahead(least=4, claim_s=600.0, read_s=0.1) == MAX_READ_AHEAD

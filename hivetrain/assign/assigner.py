@@ -14,6 +14,7 @@ import os
 import random
 import threading
 import time
+from collections import deque
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -102,6 +103,7 @@ class ShardAssigner:
             raise ValueError(f"lease_s must be positive and batch at least 1, got {lease_s} and {batch}")
         self._shards, self._run_id, self._max_epochs = list(shards), run_id, max_epochs
         self._lease_s, self._timing, self._batch = lease_s, timing, batch
+        self.claim_rounds_s: deque[float] = deque(maxlen=8)  # recent claim rounds (read, claim, confirm)
         self._rng = rng or random.Random(os.urandom(8))
         order = functools.partial(shard_order, run_id, seed, n=len(self._shards))
         self._order = functools.lru_cache(maxsize=WINDOW + 1)(order)  # epoch -> the order every peer computes
@@ -174,11 +176,12 @@ class ShardAssigner:
         with self._lock:
             return self._holdings.handed_out()
 
-    def next_claim(self, timeout: float | None = None) -> Claim | None:
+    def next_claim(self, timeout: float | None = None, *, batch: int | None = None) -> Claim | None:
         """Claim the next free shard; several claims may be held at once (prefetch).
 
         Blocks while no shard is free but some are still in flight. Returns None on timeout, after
-        `close()`, or when `max_epochs` epochs are complete.
+        `close()`, or when `max_epochs` epochs are complete. A DHT round claims up to `batch` shards
+        (default: the assigner's), handed out by this call and the next ones.
         """
         self._check_started()
         deadline = None if timeout is None else time.monotonic() + timeout
@@ -190,14 +193,17 @@ class ShardAssigner:
                     claim = self._holdings.next_reserved()
                 if claim is not None:
                     return claim
+                started = time.monotonic()
                 board = self._read(max_age=self._timing.settle_s)  # the last round's confirmation will do
                 spread = 1 if self.single_peer else 2 * len(board.live_peers())  # alone: the exact order
                 picks: list[tuple[int, int]] = []
                 kw = dict(rng=self._rng, spread=spread, max_epochs=self._max_epochs, skip=picks)
-                while len(picks) < self._batch and (step := choose(board, self._order, **kw)).kind == "claim":
+                most = max(1, batch or self._batch)
+                while len(picks) < most and (step := choose(board, self._order, **kw)).kind == "claim":
                     picks.append((step.epoch, step.index))
                 if picks:
                     self._claim_round(picks)
+                    self.claim_rounds_s.append(time.monotonic() - started)
                     continue
                 if step.kind == "finished":
                     return None
