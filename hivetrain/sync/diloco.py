@@ -173,13 +173,14 @@ class _Round:
     """A round in flight: its control, and the local state it averaged (the snapshot it started from)."""
 
     control: StepControl
-    params: list[torch.Tensor]  # local parameters at the round's start (CPU, float32)
+    params: list[torch.Tensor]  # local parameters at the round's start (global ones if weightless)
     batchnorm: list[torch.Tensor]
     samples: int
     started: float  # monotonic
     deadline: float  # monotonic: give up waiting for it then
     final: bool = False  # the last round: a plain average, no outer step
     weightless: bool = False  # taken part in while catching up: receives the average, adds nothing
+    base: tuple[int, int, int] = (0, 0, 0)  # weightless: version, lineage, total of the state it began on
 
 
 class DiLoCo:
@@ -291,7 +292,7 @@ class DiLoCo:
         if self._catching_up is not None:
             self._catching_up.download.result(timeout=LOAD_STATE_TIMEOUT_S)
             self._finish_catching_up()
-        if self.num_peers > 1 and self._since > 0 and not self._ended:
+        if self.num_peers > 1 and not self._ended:  # even with nothing to add: the others wait for it
             self._begin(self.num_peers, final=True)
             if self._round is not None:
                 self._wait_and_land()
@@ -308,11 +309,15 @@ class DiLoCo:
         self._last_begin = now
         with self._tracker.pause_updates():
             self._tracker.update_epoch(self._tracker.local_progress.epoch + 1)
-        params, batchnorm = _cpu_copy(self._params), _cpu_copy(self._batchnorm)
         s = self.state
         weightless = self._catching_up is not None
-        if peers <= 1 and weightless:  # the run's state is being downloaded: nothing to step on alone
-            return
+        if weightless:  # this peer's state is not in the round: it moves by what the global state moves
+            if peers <= 1:  # the run's state is being downloaded: nothing to step on alone
+                return
+            with s.lock:
+                params, batchnorm = _cpu_copy(s.params), _cpu_copy(s.batchnorm)
+        else:
+            params, batchnorm = _cpu_copy(self._params), _cpu_copy(self._batchnorm)
         if peers <= 1:  # nobody to average with: an outer step of its own, at once
             lineage = rounds.next_lineage(s.lineage, s.version, alone=self._peer_id)
             outcome = rounds.Outcome("apply-alone", s.version + 1, lineage, s.total + self._since)
@@ -335,7 +340,8 @@ class DiLoCo:
             timeout=timeout, allow_retries=False, wait=False,
         )  # fmt: skip
         deadline = now + matchmaking + timeout
-        self._round = _Round(control, params, batchnorm, samples, now, deadline, final, weightless)
+        base = (s.version, s.lineage, s.total)
+        self._round = _Round(control, params, batchnorm, samples, now, deadline, final, weightless, base)
 
     def _wait_and_land(self) -> None:
         """Wait for the round in flight: while its all-reduce runs (until its deadline), but not for a
@@ -360,20 +366,23 @@ class DiLoCo:
             log.debug("averaging round failed: %r", e)
             _cancel(current.control)
             gathered = None
-        s = self.state
-        outcome = rounds.after_round(
-            version=s.version, lineage=s.lineage, total=s.total, samples=current.samples, gathered=gathered,
-            peers=self.num_peers, peer_id=self._peer_id,
-        )  # fmt: skip
         if gathered is None:
             self.stats.failed_rounds += 1
         else:
             self._durations = [*self._durations[-4:], time.monotonic() - current.started]
             self.stats.last_round_s = self._durations[-1]
-        log.debug("round at version %d: %s, %d member(s)", s.version, outcome.action, outcome.members)
         final = current.final or (gathered is not None and rounds.is_last_round(gathered))
-        if outcome.action == "skip" or (outcome.action == "apply-alone" and (final or current.weightless)):
-            return  # contributes to the next round (or, at the end or while catching up, keeps its own model)
+        if current.weightless:
+            self._land_weightless(current, gathered, final)
+            return
+        s = self.state
+        outcome = rounds.after_round(
+            version=s.version, lineage=s.lineage, total=s.total, samples=current.samples, gathered=gathered,
+            peers=self.num_peers, peer_id=self._peer_id,
+        )  # fmt: skip
+        log.debug("round at version %d: %s, %d member(s)", s.version, outcome.action, outcome.members)
+        if outcome.action == "skip" or (outcome.action == "apply-alone" and final):
+            return  # contributes to the next round (or, at the end, keeps its own model)
         if outcome.action == "load":
             if self._catching_up is None:
                 log.info("this peer missed a round: taking the run's state from peers")
@@ -389,6 +398,40 @@ class DiLoCo:
         )  # fmt: skip
         if final:
             self._end()
+
+    def _land_weightless(self, current: _Round, gathered, final: bool) -> None:
+        """A round taken part in without weight landed: its step is its members' in step. Record it
+        while the download is in flight; once the download has landed, apply it if it follows the
+        state held now (skip it if the download already holds it), else catch up again."""
+        if gathered is None:
+            return
+        version, lineage, total = current.base
+        outcome = rounds.after_round(
+            version=version, lineage=lineage, total=total, samples=0, gathered=gathered, peers=self.num_peers,
+            peer_id=self._peer_id,
+        )  # fmt: skip
+        log.debug(
+            "weightless round from version %d: %s, %d member(s)", version, outcome.action, outcome.members
+        )
+        if outcome.action != "load":  # no member held a better state than the stale one: nothing to take
+            return
+        if self._catching_up is None:
+            chain = rounds.replay(self.state.version, self.state.lineage, [outcome])
+            if chain is None:
+                log.info("this peer missed a round: taking the run's state from peers")
+                with self.state.lock:
+                    params, batchnorm = _cpu_copy(self.state.params), _cpu_copy(self.state.batchnorm)
+                self._start_catching_up(params, batchnorm, samples=0)
+            elif chain:
+                with self.state.lock:
+                    params, batchnorm = _cpu_copy(self.state.params), _cpu_copy(self.state.batchnorm)
+                self._apply(outcome, params, batchnorm, 0, averaged=True, plain=final)
+                if final:
+                    self._end()
+                return
+            else:
+                return  # the download already holds it
+        self._record(outcome, final)
 
     @torch.no_grad()
     def _end(self) -> None:
