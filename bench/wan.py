@@ -396,12 +396,12 @@ ACCURACY_CANDIDATES = {
 
 def part_accuracy(args, setup: Setup, root: Path) -> None:
     results: dict[str, list[float]] = {}
-    for key in args.candidates.split(","):
+    for index, key in enumerate(args.candidates.split(",")):
         name, flags = ACCURACY_CANDIDATES[key]
         for seed in range(args.seeds):
             print(f"-- accuracy: {name}, seed {seed}", flush=True)
             run = setup.args(f"acc-{time.time_ns()}", epochs=args.epochs, seed=seed)
-            swarm = start_swarm(local, 2, root / "accuracy" / f"{len(results)}-{seed}", [*run, *flags],
+            swarm = start_swarm(local, 2, root / "accuracy" / f"{index}-{key}-{seed}", [*run, *flags],
                                 lambda i: "127.0.0.1")  # fmt: skip
             for p in swarm.procs[1:]:
                 p.wait()
