@@ -60,9 +60,9 @@ MAX_RECORDED_ROUNDS = 16
 """The most rounds a catching-up peer keeps (each a model's worth of averaged step) while its download
 is in flight; a download slower than that many rounds is replaced by a newer one."""
 LOAD_STATE_TIMEOUT_S = 600.0
-"""How long a download of the run's state may take in all (a stall of a single chunk fails sooner): the
-whole model at full precision, over a volunteer's link that carries the others' rounds as well, as
-`hivemind.Optimizer`'s `load_state_timeout`."""
+"""How long the end of training waits for a download of the run's state still in flight (training does
+not wait for one; a stall of a single chunk fails it sooner): the whole model at full precision over a
+volunteer's link that carries the others' rounds as well, as `hivemind.Optimizer`'s `load_state_timeout`."""
 
 
 def _cpu_copy(tensors: Sequence[torch.Tensor]) -> list[torch.Tensor]:
@@ -290,7 +290,8 @@ class DiLoCo:
         if self._round is not None:
             self._wait_and_land()
         if self._catching_up is not None:
-            self._catching_up.download.result(timeout=LOAD_STATE_TIMEOUT_S)
+            with contextlib.suppress(Exception):  # a failed or endless download: told by the next call
+                self._catching_up.download.result(timeout=LOAD_STATE_TIMEOUT_S)
             self._finish_catching_up()
         if self.num_peers > 1 and not self._ended:  # even with nothing to add: the others wait for it
             self._begin(self.num_peers, final=True)
