@@ -219,9 +219,13 @@ class DiLoCo:
         averaged = [torch.zeros_like(g) for g in self.state.params] + [
             b.clone() for b in self.state.batchnorm
         ]
+        # hivemind looks for partners until max(scheduled time, now + min_matchmaking_time): the floor is
+        # the least window a round gets (`RoundTiming`), so that the window each round is scheduled with
+        # holds (with the configured 15 s as the floor, rounds due every few seconds never formed)
+        least = min(o.matchmaking_time, self._timing.least_s)
         self._averager = _Averager(
             self.state, averaged, dht=c.dht, prefix=f"{c.run_id}_diloco", start=True,
-            min_matchmaking_time=o.matchmaking_time, request_timeout=min(3.0, o.matchmaking_time / 2),
+            min_matchmaking_time=least, request_timeout=min(3.0, 0.75 * least),
             allreduce_timeout=o.averaging_timeout, compression=c.compression(), state_compression=NoCompression(),
         )  # fmt: skip
         self._set_lr()
