@@ -66,5 +66,7 @@ def test_a_joiner_whose_download_outlasts_a_round_catches_up(tmp_path):
     print(f"  joiner: {downloads} state download(s), {last(joiner)['sync_rounds']} rounds in step")
     assert "round(s) that landed during the" in out
     assert downloads <= 3, "each download was already behind when it landed"
-    versions = {last(d)["sync_version"] for d in logs}
-    assert max(versions) - min(versions) <= 1, versions
+    # in step: the joiner holds the run's newest state, or the one before (a round may be landing);
+    # another peer may be catching up itself when the run stops (a round can fail for one member only)
+    versions = [last(d)["sync_version"] for d in logs]
+    assert max(versions) - versions[2] <= 1, versions
