@@ -101,6 +101,11 @@ class GlobalState:
             self.batchnorm = list(batchnorm)
             self.version, self.lineage, self.total = outcome.version, outcome.lineage, outcome.total
 
+    def snapshot(self) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+        """Copies of the global parameters and BatchNorm statistics."""
+        with self.lock:
+            return _cpu_copy(self.params), _cpu_copy(self.batchnorm)
+
     def export(self) -> tuple[dict[str, int], list[torch.Tensor]]:
         """What a joining peer downloads: metadata, then parameters, outer momentum (if any) and BatchNorm."""
         with self.lock:
@@ -319,8 +324,7 @@ class DiLoCo:
         if weightless:  # this peer's state is not in the round: it moves by what the global state moves
             if peers <= 1:  # the run's state is being downloaded: nothing to step on alone
                 return
-            with s.lock:
-                params, batchnorm = _cpu_copy(s.params), _cpu_copy(s.batchnorm)
+            params, batchnorm = s.snapshot()
         else:
             params, batchnorm = _cpu_copy(self._params), _cpu_copy(self._batchnorm)
         if peers <= 1:  # nobody to average with: an outer step of its own, at once
@@ -388,15 +392,11 @@ class DiLoCo:
         log.debug("round at version %d: %s, %d member(s)", s.version, outcome.action, outcome.members)
         if outcome.action == "skip" or (outcome.action == "apply-alone" and final):
             return  # contributes to the next round (or, at the end, keeps its own model)
-        if outcome.action == "load":
-            if self._catching_up is None:
-                log.info("this peer missed a round: taking the run's state from peers")
-                self._start_catching_up(current.params, current.batchnorm, samples=current.samples)
+        if outcome.action == "load":  # (a round begun while catching up is weightless: none is now)
+            log.info("this peer missed a round: taking the run's state from peers")
+            self._start_catching_up(current.params, current.batchnorm, samples=current.samples)
             self._record(outcome, final)
             return
-        if self._catching_up is not None:  # the run's state is this peer's after all (the others left)
-            self._catching_up.download.cancel()
-            self._catching_up = None
         self._apply(
             outcome, current.params, current.batchnorm, current.samples, averaged=outcome.action == "apply",
             plain=final,
@@ -424,13 +424,9 @@ class DiLoCo:
             chain = rounds.replay(self.state.version, self.state.lineage, [outcome])
             if chain is None:
                 log.info("this peer missed a round: taking the run's state from peers")
-                with self.state.lock:
-                    params, batchnorm = _cpu_copy(self.state.params), _cpu_copy(self.state.batchnorm)
-                self._start_catching_up(params, batchnorm, samples=0)
+                self._start_catching_up(*self.state.snapshot(), samples=0)
             elif chain:
-                with self.state.lock:
-                    params, batchnorm = _cpu_copy(self.state.params), _cpu_copy(self.state.batchnorm)
-                self._apply(outcome, params, batchnorm, 0, averaged=True, plain=final)
+                self._apply(outcome, *self.state.snapshot(), 0, averaged=True, plain=final)
                 if final:
                     self._end()
                 return
@@ -457,9 +453,7 @@ class DiLoCo:
         """Fold the round into the global state (the averaged pseudo-gradient, or this peer's own), move
         the local state by what the global state moved, count the round's samples as averaged."""
         if averaged:
-            with self._averager.get_tensors() as tensors:
-                deltas = [t.clone() for t in tensors[: len(params)]]
-                batchnorm_now = [t.clone() for t in tensors[len(params) :]]
+            deltas, batchnorm_now = self._averaged()
         else:
             deltas, batchnorm_now = [g - x for g, x in zip(self.state.params, params)], batchnorm
         self.state.step(deltas, batchnorm_now, outcome, plain=plain)
@@ -484,13 +478,15 @@ class DiLoCo:
         with self._tracker.pause_updates():  # take part in the run's next round, not in one of its own
             self._tracker.update_epoch(max(self._tracker.global_epoch, self._tracker.local_progress.epoch))
 
-    def _record(self, outcome: rounds.Outcome, plain: bool) -> None:
-        """Keep a round's averaged step (what its members in step applied), to apply on the download."""
-        if outcome.base_version is None:
-            return
+    def _averaged(self) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+        """Copies of what the last round averaged: the pseudo-gradient, then the BatchNorm statistics."""
         with self._averager.get_tensors() as tensors:
             n = len(self._params)
-            step = (outcome, [t.clone() for t in tensors[:n]], [t.clone() for t in tensors[n:]], plain)
+            return [t.clone() for t in tensors[:n]], [t.clone() for t in tensors[n:]]
+
+    def _record(self, outcome: rounds.Outcome, plain: bool) -> None:
+        """Keep a round's averaged step (what its members in step applied), to apply on the download."""
+        step = (outcome, *self._averaged(), plain)
         self._catching_up.steps = [*self._catching_up.steps[-(MAX_RECORDED_ROUNDS - 1) :], step]
 
     def _finish_catching_up(self) -> None:
