@@ -11,8 +11,8 @@ import pytest
 
 from tests.shardset import make_shard_set
 from tests.test_train import jsonl
-from tests.util import BIN, wait_until
-from tests.wanlab import WanLab, unavailable_reason
+from tests.util import wait_until
+from tests.wanlab import WanLab, start_diloco_peers, unavailable_reason
 
 pytestmark = [pytest.mark.wan, pytest.mark.slow]
 
@@ -33,26 +33,14 @@ def test_a_joiner_whose_download_outlasts_a_round_catches_up(tmp_path):
     # over 40 Mbit/s, and longer still while the link carries the others' rounds
     with WanLab(peers=3, rate_mbit=40, rtt_ms=10) as lab:
 
-        def start(i: int, *extra: str):
-            logs[i].mkdir()
-            out = (logs[i] / "stdout.txt").open("w")
-            return lab.popen(i, [
-                str(BIN / "hivetrain"), "run", "--shards", str(manifest), "--run-id", "join", "--image-size", "32",
-                "--batch", "16", "--target-global-bsz", "48", "--workers", "0", "--epochs", "1000",
-                "--sync", "diloco", "--local-steps", "16", "--matchmaking-time", "2", "--averaging-timeout", "15",
-                "--val-interval", "1000000", "--host-maddr", f"/ip4/{lab.address(i)}/tcp/0", "--log-dir", str(logs[i]),
-                *extra,
-            ], stdout=out, stderr=out)  # fmt: skip
-
-        procs, known = [], []
-        for i in range(3):
-            procs.append(start(i, *known))
-            maddrs = logs[i] / "maddrs.txt"
-            known += ["--initial-peer", wait_until(lambda m=maddrs: m.exists() and m.read_text().split(),
-                                                   timeout=120, what=f"peer {i}'s address")[0]]  # fmt: skip
-            if i == 1:  # the third peer joins a run that has averaged a few times
+        def before(i: int) -> None:
+            if i == 2:  # the third peer joins a run that has averaged a few times
                 wait_until(lambda: all(last(d).get("sync_rounds", 0) >= 3 for d in logs[:2]), timeout=300,
                            what="the first two peers to average three times")  # fmt: skip
+
+        procs = start_diloco_peers(
+            lab, manifest, logs, "--run-id", "join", "--local-steps", "16", before=before
+        )
         joiner = logs[2]
         wait_until(lambda: last(joiner).get("sync_rounds", 0) >= 3, timeout=300,
                    what="the joiner to take part in three rounds as a member in step")  # fmt: skip

@@ -49,13 +49,13 @@ import socket
 import subprocess
 import sys
 import threading
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from functools import cache
 from pathlib import Path
 from typing import TextIO
 
-from tests.util import Children
+from tests.util import BIN, Children, wait_until
 from tests.wanprobe import CheckResult, measure
 
 HUB = "hub"
@@ -390,6 +390,37 @@ class WanLab:
         if problems:
             raise WanLabError(f"emulated links off by more than {tolerance:.0%}: " + "; ".join(problems))
         return result
+
+
+def start_diloco_peers(
+    lab: WanLab,
+    manifest: Path,
+    logs: Sequence[Path],
+    *flags: str,
+    before: Callable[[int], object] | None = None,
+) -> list[subprocess.Popen]:
+    """One small `hivetrain run --sync diloco` per folder of `logs` (peer i in lab peer i, its output in
+    its folder), one after another, each given every earlier peer's address (see the module docstring:
+    libp2p here does not route through a third node). `flags`: the run's own settings (run id, local
+    steps); `before(i)` runs before peer i starts (to let the run get somewhere first)."""
+    procs: list[subprocess.Popen] = []
+    known: list[str] = []
+    for i, log_dir in enumerate(logs):
+        if before is not None:
+            before(i)
+        log_dir.mkdir()
+        out = (log_dir / "stdout.txt").open("w")
+        procs.append(lab.popen(i, [
+            str(BIN / "hivetrain"), "run", "--shards", str(manifest), "--image-size", "32", "--batch", "16",
+            "--target-global-bsz", "48", "--workers", "0", "--epochs", "1000", "--sync", "diloco",
+            "--matchmaking-time", "2", "--averaging-timeout", "15", "--val-interval", "1000000",
+            "--host-maddr", f"/ip4/{lab.address(i)}/tcp/0", "--log-dir", str(log_dir), *flags, *known,
+        ], stdout=out, stderr=out))  # fmt: skip
+        maddrs = log_dir / "maddrs.txt"
+        address = wait_until(lambda m=maddrs: m.exists() and m.read_text().split(), timeout=120,
+                             what=f"peer {i}'s address")[0]  # fmt: skip
+        known += ["--initial-peer", address]
+    return procs
 
 
 def main(argv: Sequence[str] | None = None) -> int:

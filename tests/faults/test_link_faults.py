@@ -13,8 +13,8 @@ import pytest
 
 from tests.shardset import make_shard_set
 from tests.test_train import jsonl
-from tests.util import BIN, wait_until
-from tests.wanlab import WanLab, unavailable_reason
+from tests.util import wait_until
+from tests.wanlab import WanLab, start_diloco_peers, unavailable_reason
 
 pytestmark = [pytest.mark.wan, pytest.mark.slow]
 
@@ -39,29 +39,12 @@ def test_peer_whose_link_is_cut_for_a_minute_rejoins_and_nobody_waits(tmp_path, 
     manifest = make_shard_set(tmp_path / "shards", {"train": (SHARDS, 16), "val": (1, 16)}).origin
     logs = [tmp_path / f"peer{i}" for i in range(3)]
     with WanLab(peers=3, rate_mbit=40, rtt_ms=10) as lab:
-
-        def start(i: int, *extra: str):
-            logs[i].mkdir()
-            out = (logs[i] / "stdout.txt").open("w")
-            return lab.popen(i, [
-                str(BIN / "hivetrain"), "run", "--shards", str(manifest), "--run-id", "cut", "--image-size", "32",
-                "--batch", "16", "--target-global-bsz", "48", "--workers", "0", "--epochs", "1000", "--lease", "10",
-                "--sync", "diloco", "--local-steps", "48", "--matchmaking-time", "2", "--averaging-timeout", "15",
-                "--val-interval", "1000000", "--host-maddr", f"/ip4/{lab.address(i)}/tcp/0", "--log-dir", str(logs[i]),
-                *extra,
-            ], stdout=out, stderr=out)  # fmt: skip
-
         # 48 local steps (~25 s here) between rounds: a state download (the whole model in fp32 over
         # 40 Mbit/s) fits between two rounds, so a peer that takes the run's state is not behind again
-        # by the time it has it.
-        # Every peer is given every earlier one: in the lab's address range libp2p does not route
-        # through a third node (tests/wanlab.py), so peers that only share a bootstrap never average
-        procs, known = [], []
-        for i in range(3):
-            procs.append(start(i, *known))
-            maddrs = logs[i] / "maddrs.txt"
-            known += ["--initial-peer", wait_until(lambda m=maddrs: m.exists() and m.read_text().split(),
-                                                   timeout=120, what=f"peer {i}'s address")[0]]  # fmt: skip
+        # by the time it has it
+        procs = start_diloco_peers(
+            lab, manifest, logs, "--run-id", "cut", "--lease", "10", "--local-steps", "48"
+        )
         wait_until(lambda: all(last(d).get("sync_rounds", 0) >= 1 for d in logs), timeout=300,
                    what="every peer to average once")  # fmt: skip
 
