@@ -281,6 +281,7 @@ class Peer:
                 fetch_mb_s=self.cache.stats.fetch_mb_s, corrupt=stream.stats.corrupt, missing=stream.stats.missing,
                 skipped_steps=self.summary.skipped_steps, sync_rounds=self.sync.stats.rounds,
                 sync_version=self.sync.stats.version, state_downloads=self.sync.stats.downloads,
+                sync_failed_rounds=self.sync.stats.failed_rounds, sync_round_s=self.sync.stats.last_round_s,
                 **accounting.fields(now=time.monotonic(), sync_wait_s=self.sync.stats.wait_s,
                                     traffic=self.traffic.totals() if self.traffic else None),
             )  # fmt: skip

@@ -98,7 +98,7 @@ class SyncStats:
     downloads: int = 0  # of the run's state from peers
     version: int = 0  # of the state this peer trains on (rounds applied to it, its own and downloaded)
     wait_s: float = 0.0
-    last_round_s: float | None = None
+    last_round_s: float | None = None  # from when the last round was due until it landed
     _lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
 
     def add_wait(self, seconds: float) -> None:
