@@ -18,8 +18,8 @@ one is due. The group is formed ahead of time: matchmaking begins a window befor
 the swarm's estimate of when its samples are in, the same for every peer), and the all-reduce starts
 the moment the round is due. The delay matters: steps taken on a peer's own between a round's snapshot
 and its landing are grafted onto the average, and local SGD tolerates that badly once the delay nears
-the time between rounds (measured offline on the accuracy benchmark's data: 2 models x 8 local steps
-match minibatch SGD, 98.8% both; landing 8 steps late, 96.3%; 2 steps late, 98.5%). A peer sends about two compressed model copies per round, so bytes per sample fall as
+the time between rounds (`bench/overlap.py`: 2 models averaged every 8 local steps, 98.3%; landing 8
+steps late, 97.0% with a wide spread; 2 steps late, 98.8%). A peer sends about two compressed model copies per round, so bytes per sample fall as
 1 / (H x batch). The round rules (who applies, who reloads state, what a lone peer does) are pure, in
 `hivetrain.sync.rounds`; hivemind does the matchmaking, all-reduce and state download.
 
