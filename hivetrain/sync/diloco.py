@@ -16,12 +16,13 @@ the local parameters move by what the outer step changed, keeping the steps take
 rule: local += new global - snapshot). Training waits only if a round is still running when the next
 one is due. The group is formed ahead of time: matchmaking begins a window before the round is due (at
 the swarm's estimate of when its samples are in, the same for every peer), and the all-reduce starts
-the moment the round is due. The delay matters: steps taken on a peer's own between a round's snapshot
-and its landing are grafted onto the average, and local SGD tolerates that badly once the delay nears
-the time between rounds (`bench/overlap.py`: 2 models averaged every 8 local steps, 98.3%; landing 8
-steps late, 97.0% with a wide spread; 2 steps late, 98.8%). A peer sends about two compressed model copies per round, so bytes per sample fall as
-1 / (H x batch). The round rules (who applies, who reloads state, what a lone peer does) are pure, in
-`hivetrain.sync.rounds`; hivemind does the matchmaking, all-reduce and state download.
+once the round is due and its group formed (on loopback, a median 1.4-3 s after the round was due).
+The delay matters: steps taken on a peer's own between a round's snapshot and its landing are grafted
+onto the average, and local SGD tolerates that badly once the delay nears the time between rounds
+(`bench/overlap.py`: 2 models averaged every 8 local steps, 98.3%; landing 8 steps late, 97.0% with a
+wide spread; 2 steps late, 98.8%). A peer sends about two compressed model copies per round, so bytes
+per sample fall as 1 / (H x batch). The round rules (who applies, who reloads state, what a lone peer
+does) are pure, in `hivetrain.sync.rounds`; hivemind does the matchmaking, all-reduce and state download.
 
 Catching up: a peer that must take the run's state (a joiner, or a member that missed a round) downloads
 it in the background and meanwhile takes part in the rounds with no weight, keeping each round's
@@ -354,8 +355,8 @@ class DiLoCo:
     def _maybe_schedule(self) -> None:
         """Begin the next round's matchmaking when it is due within a window (the swarm's estimate of
         when the round's samples are in, hivemind's `estimated_next_update_time`, the same for all), as
-        `hivemind.Optimizer` pre-schedules its rounds: its all-reduce then starts the moment the round
-        is due, and the round lands one all-reduce later instead of a matchmaking window later."""
+        `hivemind.Optimizer` pre-schedules its rounds: its all-reduce can then start as soon as the round
+        is due, instead of a matchmaking window later."""
         _, window = self._interval_and_window()
         now, eta = get_dht_time(), self._tracker.estimated_next_update_time
         if eta - now > window:
