@@ -67,8 +67,10 @@ async def _knows(_dht, node, peer_id) -> bool:
     return peer_id in node.protocol.routing_table
 
 
-def test_rejoiner_finds_initial_peers_again_after_both_forgot_each_other(first):
-    """What a link cut of a minute leaves behind: each node dropped the other from its routing table."""
+def test_rejoiner_finds_initial_peers_again_after_both_forgot_each_other():
+    """What a link cut of a minute leaves behind: each node dropped the other from its routing table.
+    Two nodes of their own: a third (the module's, known to other tests' nodes) could bridge them."""
+    first = make_dht(run_id=RUN, private_key=RSAPrivateKey())
     second = make_dht(run_id=RUN, private_key=RSAPrivateKey(), initial_peers=visible_addresses(first))
     rejoiner = Rejoiner(second, visible_addresses(first), period_s=0.2)
     try:
@@ -88,6 +90,7 @@ def test_rejoiner_finds_initial_peers_again_after_both_forgot_each_other(first):
     finally:
         rejoiner.close()
         second.shutdown()
+        first.shutdown()
 
 
 def test_validators_are_added_to_a_plain_dht():
