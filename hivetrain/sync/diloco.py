@@ -347,34 +347,47 @@ class DiLoCo:
 
     # ---- rounds ---------------------------------------------------------------------------------------
 
-    def _interval_and_window(self) -> tuple[float | None, float]:
-        """The mean time between recent rounds, and the matchmaking window that gives a round."""
+    def _window(self) -> float:
+        """The matchmaking window of a round, from the mean time between recent rounds."""
         interval = sum(self._intervals) / len(self._intervals) if self._intervals else None
-        return interval, self._timing.matchmaking_s(interval, self._options.matchmaking_time)
+        return self._timing.matchmaking_s(interval, self._options.matchmaking_time)
+
+    def _average(self, *, samples: int, weightless: bool, final: bool, ahead: float, timeout: float, **kw):
+        """Start averaging in hivemind's averager, `ahead` seconds from now: gathered with this peer's
+        state and `samples`, weighted by them. Returns its control and the (version, lineage, total) it
+        was gathered with."""
+        s = self.state
+        control = self._averager.step(
+            gather=dict(version=s.version, lineage=s.lineage, samples=samples, total=s.total, final=final),
+            weight=0.0 if weightless else float(max(samples, 1)), scheduled_time=get_dht_time() + ahead,
+            timeout=timeout, allow_retries=False, wait=False, **kw,
+        )  # fmt: skip
+        return control, (s.version, s.lineage, s.total)
 
     def _maybe_schedule(self) -> None:
         """Begin the next round's matchmaking when it is due within a window (the swarm's estimate of
         when the round's samples are in, hivemind's `estimated_next_update_time`, the same for all), as
         `hivemind.Optimizer` pre-schedules its rounds: its all-reduce can then start as soon as the round
         is due, instead of a matchmaking window later."""
-        _, window = self._interval_and_window()
-        now, eta = get_dht_time(), self._tracker.estimated_next_update_time
-        if eta - now > window:
+        window = self._window()
+        ahead = self._tracker.estimated_next_update_time - get_dht_time()
+        if ahead > window:
             return
-        s = self.state
+        ahead = max(0.0, ahead)
         weightless = self._catching_up is not None
-        ahead = max(0.0, eta - now)
         # gathered now, loaded later: the samples this peer will have by then (its measured pace)
         samples = (
             0 if weightless else round(self._since + self._tracker.performance_ema.samples_per_second * ahead)
         )
         timeout = ahead + self._timing.timeout_s(self._durations, window, self._options.averaging_timeout)
-        control = self._averager.step(
-            gather=dict(version=s.version, lineage=s.lineage, samples=samples, total=s.total, final=False),
-            weight=0.0 if weightless else float(max(samples, 1)), scheduled_time=now + ahead, timeout=timeout,
-            allow_retries=False, wait=False, require_trigger=True,
-        )  # fmt: skip
-        base = (s.version, s.lineage, s.total)
+        control, base = self._average(
+            samples=samples,
+            weightless=weightless,
+            final=False,
+            ahead=ahead,
+            timeout=timeout,
+            require_trigger=True,
+        )
         self._scheduled = _Scheduled(control, weightless, base, time.monotonic() + timeout)
 
     def _begin(self, peers: int, *, final: bool = False) -> None:
@@ -416,16 +429,14 @@ class DiLoCo:
             control.weight = 0.0 if weightless else float(max(samples, 1))
             control.allow_allreduce()
         else:
-            _, matchmaking = self._interval_and_window()
+            matchmaking = self._window()
             if final:
                 matchmaking = max(matchmaking, FINAL_MATCHMAKING_S)
             timeout = self._timing.timeout_s(self._durations, matchmaking, self._options.averaging_timeout)
-            control = self._averager.step(
-                gather=dict(version=s.version, lineage=s.lineage, samples=samples, total=s.total, final=final),
-                weight=0.0 if weightless else float(max(samples, 1)), scheduled_time=get_dht_time() + matchmaking,
-                timeout=timeout, allow_retries=False, wait=False,
-            )  # fmt: skip
-            deadline, base = now + matchmaking + timeout, (s.version, s.lineage, s.total)
+            control, base = self._average(
+                samples=samples, weightless=weightless, final=final, ahead=matchmaking, timeout=timeout
+            )
+            deadline = now + matchmaking + timeout
         self._round = _Round(control, params, batchnorm, samples, now, deadline, final, weightless, base)
 
     def _wait_and_land(self) -> None:
