@@ -1,9 +1,9 @@
 """Shard division among 8 peers with churn: hivetrain's DHT leases vs a fixed per-node split.
 
-    .venv/bin/python bench/assign.py [--peers 8] [--shards 96] [--epochs 2] [--read 1.0] [--lease 5]
+    .venv/bin/python bench/assign.py [--peers 8] [--shards 96] [--epochs 2] [--read 1.0] [--lease 5] [--slow 10]
 
 Each peer is its own process. Every peer "reads" a shard by sleeping `--read` seconds (peer 0 is three
-times faster); after `--kill-at` seconds peer 3 gets SIGKILL (with its DHT), after `--join-at` seconds a
+times faster, peer 1 `--slow` times slower); after `--kill-at` seconds peer 3 gets SIGKILL (with its DHT), after `--join-at` seconds a
 ninth peer starts. The same scenario runs twice, side by side:
 
 * leases: `hivetrain.assign.ShardAssigner` over real hivemind DHTs on 127.0.0.1 (up to 4 shards held,
@@ -12,7 +12,8 @@ ninth peer starts. The same scenario runs twice, side by side:
   how WebDataset and MosaicML Streaming divide an epoch: fixed at its start. A joiner gets nothing.
 
 Prints one table: coverage, duplicate reads, how long the dead peer's shards waited for a new reader,
-the joiner's wait for its first shard, claim latency and run time.
+the joiner's wait for its first shard, claim latency, how long each epoch's end waited on the slow peer,
+and run time.
 """
 
 from __future__ import annotations
@@ -35,6 +36,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 RUN_ID = "bench-assign"
 VICTIM = 3
+SLOW = 1
 
 
 def shard_names(n: int) -> list[str]:
@@ -174,7 +176,7 @@ def scenario(mode: str, args, root: Path) -> dict:
     procs = []
     for rank in range(args.peers + 1):
         joiner = rank == args.peers
-        read = args.read / 3 if rank == 0 else args.read
+        read = args.read / 3 if rank == 0 else args.read * (args.slow if rank == SLOW else 1)
         cmd = [
             sys.executable,
             __file__,
@@ -236,6 +238,22 @@ def metrics(out: Path, args, *, go: float, killed: float, joined: float) -> dict
     ]
     joiner = claims[args.peers]
     latency = sorted(c["got"] - c["asked"] for c in others)
+    first_end: dict[tuple[int, str], float] = {}
+    for r in every:
+        key = (r["epoch"], r["shard"])
+        first_end[key] = min(first_end.get(key, r["end"]), r["end"])
+    tails = []  # per epoch: its end after the last shard the other peers read of it as their own share
+    for epoch in range(args.epochs):
+        ends = [t for (e, _), t in first_end.items() if e == epoch]
+        theirs = [
+            r["end"]
+            for rank, rs in reads.items()
+            if rank != SLOW
+            for r in rs
+            if r["epoch"] == epoch and not r.get("backup")
+        ]
+        if ends and theirs:
+            tails.append(max(0.0, max(ends) - max(theirs)))
     return {
         "coverage": len(counts) / total,
         "lost": total - len(counts),
@@ -248,7 +266,9 @@ def metrics(out: Path, args, *, go: float, killed: float, joined: float) -> dict
         "latency_p95": latency[int(0.95 * (len(latency) - 1))] if latency else 0.0,
         "run_time": max(r["end"] for r in every) - go,
         "fast_vs_normal": len(reads[0])
-        / statistics.mean(len(reads[r]) for r in range(1, args.peers) if r != VICTIM),
+        / statistics.mean(len(reads[r]) for r in range(1, args.peers) if r not in (VICTIM, SLOW)),
+        "tail": max(tails, default=0.0),
+        "backups": sum(bool(r.get("backup")) for r in every),
     }
 
 
@@ -288,6 +308,12 @@ def table(results: dict, args) -> str:
             f"{lease['fast_vs_normal']:.2f}",
             f"{static['fast_vs_normal']:.2f}",
         ),
+        (
+            f"epoch end after the others' last own shard, worst (s; peer {SLOW} {args.slow:g}x slower)",
+            s(lease["tail"]),
+            s(static["tail"]),
+        ),
+        ("  backup reads (second readers of stragglers)", str(lease["backups"]), "-"),
         ("run time (s)", s(lease["run_time"]), s(static["run_time"])),
         ("CPU time of all peers, start-up included (s)", s(lease["cpu"]), s(static["cpu"])),
     ]
@@ -311,6 +337,7 @@ def main() -> None:
     parser.add_argument("--read", type=float, default=1.0, help="seconds per shard (peer 0: a third)")
     parser.add_argument("--lease", type=float, default=5.0)
     parser.add_argument("--settle", type=float, default=0.2)
+    parser.add_argument("--slow", type=float, default=1.0, help=f"peer {SLOW} reads this many times slower")
     parser.add_argument("--kill-at", type=float, default=4.0)
     parser.add_argument("--join-at", type=float, default=6.0)
     parser.add_argument("--keep", type=Path, help="keep the peers' logs in this (new) folder")

@@ -1,7 +1,8 @@
 """Checkpoints: `latest` and `best`, written atomically, refused when they belong to another run.
 
 A checkpoint holds the model, the hivemind optimizer state (with its global step), the scheduler, the
-best validation accuracy, and the identity of what was trained: dataset name, manifest fingerprint
+best validation accuracy, the run's data position (its data epoch and the shards of the open epochs
+already done, by name), and the identity of what was trained: dataset name, manifest fingerprint
 (hash of the shard contents), model name and class count. Loading one for a different dataset or
 model is a one-line CheckpointError, never a half-loaded model. Writes go to a temp file and are
 renamed into place, so a crash mid-save leaves the previous checkpoint intact.
@@ -11,6 +12,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -20,6 +22,7 @@ import torch
 from shardtool.fsutil import atomic_output
 
 from .errors import CheckpointError
+from .leases import Position
 
 FORMAT = "hivetrain-checkpoint"
 VERSION = 1
@@ -85,6 +88,33 @@ def load(path: str | os.PathLike, *, expect: Identity | None = None) -> dict[str
                     "start a new --checkpoint-dir or resume with the matching --shards/--model"
                 )
     return payload
+
+
+def position_state(position: Position, shards: Sequence[str]) -> dict[str, Any]:
+    """`position` as a checkpoint keeps it: shard names, not indices, so that it reads on its own."""
+    done = {str(e): [shards[i] for i in sorted(indices)] for e, indices in sorted(position.done.items())}
+    return {"epoch": position.epoch, "done": done}
+
+
+def saved_position(payload: dict[str, Any], shards: Sequence[str], *, path: str | os.PathLike) -> Position:
+    """The data position a loaded checkpoint recorded (epoch 0, nothing done, for one that has none;
+    only the data epoch for one written before positions were)."""
+    saved = payload.get("data_position")
+    if saved is None:
+        return Position(int(payload.get("data_epoch", 0) or 0), {})
+    index = {name: i for i, name in enumerate(shards)}
+    try:
+        epoch, done = saved["epoch"], saved["done"]
+        position = Position(
+            int(epoch), {int(e): frozenset(index[name] for name in names) for e, names in done.items()}
+        )
+    except (KeyError, TypeError, ValueError, AttributeError) as e:
+        raise CheckpointError(f"{path}: its data position is damaged ({type(e).__name__}: {e})") from None
+    if position.epoch < 0 or any(e < position.epoch for e in position.done):
+        raise CheckpointError(
+            f"{path}: its data position is damaged (epoch {position.epoch}, done {sorted(position.done)})"
+        )
+    return position
 
 
 def load_weights(model: torch.nn.Module, path: str | os.PathLike) -> None:

@@ -8,7 +8,8 @@ claim round (`read_ahead`, from the measured claim rounds and shard reads). A sh
 may serve it) and counted; once this peer has failed to fetch it `max_failures` times it is recorded as
 read with 0 samples and reported in `unavailable`, so that an epoch never waits forever for bytes that
 no source has.
-When the stream reports a shard finished, `finish` records it with the assigner and unpins it.
+When the stream reports a shard finished, `finish` records it with the assigner and unpins it. A claimed
+shard that another peer finished first (a backup reading of this peer's straggler) is given back unread.
 """
 
 from __future__ import annotations
@@ -85,6 +86,7 @@ class ClaimFeed:
         self.fetch_failures = 0
         self.unavailable: list[str] = []
         self.shards_read = 0
+        self.taken_over = 0  # claimed shards another peer read first (its backup reading of a straggler)
         self.samples_read = 0
         self._room = threading.Condition()
         self._outstanding = 0  # claims taken and not yet finished, released or failed
@@ -113,6 +115,15 @@ class ClaimFeed:
             while (entry := self._take(ahead)) is not None:
                 claim, future = entry
                 shard = self._shards[claim.shard]
+                if self.assigner.finished_elsewhere(claim):  # a backup reader was quicker
+                    log.info(
+                        "%s of epoch %d was read by another peer meanwhile: skipping it",
+                        claim.shard,
+                        claim.epoch,
+                    )
+                    self.taken_over += 1
+                    self._release(claim, future)
+                    continue
                 try:
                     path = future.result()
                 except FetchError as e:

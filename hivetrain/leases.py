@@ -1,8 +1,9 @@
 """The lease decision, pure: given every peer's published records and the time, which shard is next.
 
 No DHT here: `parse_records` turns a DHT reply into `Lease` and `Done` records, a `Board` holds them as
-seen at one moment, and `current_epoch`, `choose` and `confirmed` decide. Every peer computes the same
-`shard_order` for an epoch, so they agree on the order without talking. `hivetrain.assign` does the DHT
+seen at one moment, and `current_epoch`, `choose` and `confirmed` decide; `position` is what a checkpoint
+keeps of the data, to resume a run that stopped whole. Every peer computes the same `shard_order` for an
+epoch, so they agree on the order without talking. `hivetrain.assign` does the DHT
 reads and writes around these functions; the monitor reads the same records through them.
 """
 
@@ -57,16 +58,20 @@ class Board:
                 out.setdefault(index, record.peer)
         return out
 
-    def holders(self, epoch: int) -> dict[int, tuple[float, bytes, str]]:
-        """Shards of `epoch` under a live lease -> the winning `(claim time, owner, peer)`."""
-        out: dict[int, tuple[float, bytes, str]] = {}
+    def claims(self, epoch: int) -> dict[int, list[tuple[float, bytes, str]]]:
+        """Shards of `epoch` under a live lease -> their `(claim time, owner, peer)`, earliest first."""
+        out: dict[int, list[tuple[float, bytes, str]]] = {}
         for lease in self.leases:
             if lease.expires <= self.now:
                 continue
             for e, index, t in lease.claims:
-                if e == epoch and (index not in out or (t, lease.owner) < out[index][:2]):
-                    out[index] = (t, lease.owner, lease.peer)
-        return out
+                if e == epoch:
+                    out.setdefault(index, []).append((t, lease.owner, lease.peer))
+        return {index: sorted(held) for index, held in out.items()}
+
+    def holders(self, epoch: int) -> dict[int, tuple[float, bytes, str]]:
+        """Shards of `epoch` under a live lease -> the winning (earliest) `(claim time, owner, peer)`."""
+        return {index: held[0] for index, held in self.claims(epoch).items()}
 
     def live_peers(self) -> set[bytes]:
         return {lease.owner for lease in self.leases if lease.expires > self.now}
@@ -74,11 +79,15 @@ class Board:
 
 @dataclass(frozen=True)
 class Next:
-    """What to do now: `claim` shard `index` of `epoch`, `wait` for shards in flight, or `finished`."""
+    """What to do now: `claim` shard `index` of `epoch`, `wait` for shards in flight, or `finished`.
+
+    A `backup` claim is a second reader for a straggler: a shard that another peer has held for too long
+    while nothing else of its epoch is left."""
 
     kind: str
     epoch: int
     index: int | None = None
+    backup: bool = False
 
 
 def shard_order(run_id: str, seed: int, epoch: int, n: int) -> list[int]:
@@ -105,10 +114,15 @@ def choose(
     spread: int = 8,
     max_epochs: int | None = None,
     skip: Collection[tuple[int, int]] = (),
+    me: bytes = b"",
+    late_s: float | None = None,
 ) -> Next:
     """The next shard to claim: at random among the first `spread` free ones of the oldest open epoch.
 
-    `skip` holds `(epoch, index)` pairs to treat as taken (those picked earlier in the same round)."""
+    `skip` holds `(epoch, index)` pairs to treat as taken (those picked earlier in the same round). When the
+    oldest epoch has no free shard left, a shard of it that another peer (not `me`) has held for over
+    `late_s` seconds gets a backup reader before the next epoch's shards: the epoch ends when its last
+    shard is read, and the next epoch but one cannot open before, so one slow peer would hold up the run."""
     base = current_epoch(board)
     if max_epochs is not None and base >= max_epochs:
         return Next("finished", base)
@@ -119,13 +133,63 @@ def choose(
         free = [i for i in order(epoch) if i not in done and i not in held and (epoch, i) not in skip]
         if free:
             return Next("claim", epoch, rng.choice(free[: max(spread, 1)]))
+        if (
+            epoch == base
+            and late_s is not None
+            and (late := stragglers(board, epoch, late_s, me=me, skip=skip))
+        ):
+            return Next("claim", epoch, late[0], backup=True)
     return Next("wait", base)
 
 
-def confirmed(board: Board, owner: bytes, epoch: int, index: int) -> bool:
-    """Whether `owner`'s claim on the shard stands: nobody finished it and no earlier claim exists."""
-    holder = board.holders(epoch).get(index)
-    return index not in board.done(epoch) and holder is not None and holder[1] == owner
+def stragglers(
+    board: Board, epoch: int, late_s: float, *, me: bytes = b"", skip: Collection[tuple[int, int]] = ()
+) -> list[int]:
+    """Shards of `epoch` that one peer other than `me` has held for over `late_s`, oldest claim first (a
+    shard that already has a backup reader gets no other)."""
+    done, late = board.done(epoch), []
+    for index, held in board.claims(epoch).items():
+        (t, owner, _), *others = held
+        if (
+            index not in done
+            and not others
+            and owner != me
+            and board.now - t > late_s
+            and (epoch, index) not in skip
+        ):
+            late.append((t, index))
+    return [index for _, index in sorted(late)]
+
+
+def late_after(claim_to_done_s: Sequence[float], *, factor: float = 2.0) -> float | None:
+    """How long another peer may hold a shard before it counts as a straggler: `factor` times the median
+    time this peer takes from claiming a shard to finishing it (its read-ahead queue included), so that
+    peers of the same speed never back each other up; None until three shards are timed."""
+    if len(claim_to_done_s) < 3:
+        return None
+    return factor * sorted(claim_to_done_s)[len(claim_to_done_s) // 2]
+
+
+@dataclass(frozen=True)
+class Position:
+    """Where the run's data stands: its current epoch and, per open epoch, the shards already done."""
+
+    epoch: int
+    done: Mapping[int, frozenset[int]]
+
+
+def position(board: Board) -> Position:
+    """The run's data position on `board`: what a checkpoint records, to resume a stopped run from."""
+    base = current_epoch(board)
+    done = {e: frozenset(board.done(e)) for e in range(base, base + WINDOW)}
+    return Position(base, {e: shards for e, shards in done.items() if shards})
+
+
+def confirmed(board: Board, owner: bytes, epoch: int, index: int, *, backup: bool = False) -> bool:
+    """Whether `owner`'s claim on the shard stands: nobody finished it and no earlier claim exists (for a
+    backup claim: at most one, the straggler's)."""
+    owners = [held[1] for held in board.claims(epoch).get(index, ())]
+    return index not in board.done(epoch) and owner in owners[: 2 if backup else 1]
 
 
 def parse_records(

@@ -158,6 +158,11 @@ class TrainOptions:
     checkpoint_dir: str | None = setting(
         None, "Where latest.pt and best.pt go.", type=click.Path(file_okay=False)
     )
+    checkpoint_every: float = setting(
+        10.0,
+        "Minutes between writes of latest.pt besides those at validation (0: at validation only).",
+        type=click.FloatRange(min=0),
+    )
     resume_from: str | None = setting(
         None, "A checkpoint file or folder to continue from.", type=click.Path()
     )

@@ -138,6 +138,7 @@ class Peer:
         self.summary = Summary()
         self.criterion = nn.CrossEntropyLoss(label_smoothing=plan.recipe.label_smoothing)
         self._batchnorm = recipes.batchnorm_buffers(model, counters=True)  # on the device, as trained
+        self._saved_at = time.monotonic()  # when `latest` was last written (or training began)
 
     # ---- assembly -------------------------------------------------------------------------------
 
@@ -205,6 +206,7 @@ class Peer:
             assigner = ShardAssigner(
                 train_shards, dht=dht, run_id=n.run_id, lease_s=o.lease, seed=o.seed, log_dir=log_dir,
                 max_epochs=None, batch=FEED_DEPTH,  # claim the shards the feed reads ahead in one DHT round
+                resume=None if resume is None else checkpoint.saved_position(resume, train_shards, path=o.resume_from),
             ).start()  # fmt: skip
             on_exit("releasing shard claims", assigner.close)
             feed = ClaimFeed(assigner, cache, split=o.split, depth=FEED_DEPTH)
@@ -289,6 +291,8 @@ class Peer:
             if self.sync.global_step - last_val >= self.val_interval and not at_end:
                 last_val = self.sync.global_step
                 record.update(self._validate_and_save())
+            elif self._checkpoint_due():
+                self.save()
             self.metrics.write(record)
             self.publisher.update(
                 **record, samples=self.summary.samples, shards_claimed=len(self.assigner.held())
@@ -387,13 +391,21 @@ class Peer:
             raise DataError(f"{plan.manifest.origin}: the {o.val_split} split yielded no samples")
         return {"val_top1": correct1 / seen, "val_top5": correct5 / seen, "val_samples": seen}
 
+    def _checkpoint_due(self) -> bool:
+        """Whether `latest` is --checkpoint-every minutes old: a crash between validations (an ImageNet
+        data epoch on a few peers is hours) should lose minutes of training, not an epoch."""
+        every = self.options.checkpoint_every
+        return bool(self.options.checkpoint_dir and every) and time.monotonic() - self._saved_at >= 60 * every
+
     def save(self, *, best: bool = False) -> None:
-        """Write `latest` (and `best`) to --checkpoint-dir, atomically."""
+        """Write `latest` (and `best`) to --checkpoint-dir, atomically, with the run's data position."""
         if not self.options.checkpoint_dir:
             return
+        self._saved_at = time.monotonic()
+        shards = [s.name for s in self.plan.manifest.split(self.options.split).shards]
         state = dict(
             model=self.model.state_dict(), **self.sync.state_dict(), global_step=self.sync.global_step,
-            best_acc1=self.best_acc1, data_epoch=self.assigner.epoch,
+            best_acc1=self.best_acc1, data_position=checkpoint.position_state(self.assigner.position(), shards),
         )  # fmt: skip
         folder = Path(self.options.checkpoint_dir)
         checkpoint.save(folder / checkpoint.LATEST, identity=self.plan.identity, state=state)

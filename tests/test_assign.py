@@ -15,12 +15,16 @@ from hivetrain.leases import (
     Board,
     Done,
     Lease,
+    Position,
     choose,
     confirmed,
     current_epoch,
+    late_after,
     parse_records,
+    position,
     shard_list_fingerprint,
     shard_order,
+    stragglers,
 )
 
 NOW = 1_000_000.0
@@ -108,6 +112,28 @@ def test_next_epoch_opens_when_no_shard_is_free_and_old_leases_come_first():
     assert (step.kind, step.epoch, step.index) == ("claim", 0, 11)
 
 
+def test_a_straggler_at_the_epoch_end_gets_one_backup_reader_before_the_next_epoch():
+    slow = lease(B, (0, 10, NOW - 30), (0, 11, NOW - 2))
+    board = Board(12, NOW, leases=(slow,), dones=(done(A, e0=set(range(10))),))
+    assert stragglers(board, 0, late_s=5) == [10] and stragglers(board, 0, late_s=5, me=B) == []
+    step = choose(board, identity, rng=random.Random(0), me=A, late_s=5)
+    assert (step.kind, step.epoch, step.index, step.backup) == ("claim", 0, 10, True)
+    assert choose(board, identity, rng=random.Random(0), me=A).epoch == 1  # no late_s: no backups
+    assert choose(board, identity, rng=random.Random(0), me=B, late_s=5).epoch == 1  # never one's own
+    backed = Board(
+        12, NOW, leases=(slow, lease(A, (0, 10, NOW)), lease(C, (0, 10, NOW + 0.1))), dones=board.dones
+    )
+    assert confirmed(backed, A, 0, 10, backup=True) and not confirmed(backed, A, 0, 10)
+    assert not confirmed(backed, C, 0, 10, backup=True)  # one backup reader, not two
+    assert stragglers(backed, 0, late_s=5) == []
+    # while the oldest epoch still has free shards, nobody is backed up
+    early = Board(12, NOW, leases=(slow,), dones=(done(A, e0=set(range(9))),))
+    assert choose(early, identity, rng=random.Random(0), me=A, late_s=5) == choose(
+        early, identity, rng=random.Random(0)
+    )
+    assert late_after([1.0, 2.0]) is None and late_after([1.0, 9.0, 2.0, 3.0]) == 6.0
+
+
 def test_finished_after_max_epochs():
     board = Board(12, NOW, dones=(done(A, complete=1),))
     assert choose(board, identity, rng=random.Random(0), max_epochs=2).kind == "finished"
@@ -115,6 +141,35 @@ def test_finished_after_max_epochs():
         12, NOW, leases=(lease(A, (1, 3, NOW)),), dones=(done(B, complete=0, e1=set(range(12)) - {3}),)
     )
     assert choose(last, identity, rng=random.Random(0), max_epochs=2).kind == "wait"  # epoch 2 never opens
+
+
+def test_position_is_the_current_epoch_and_what_is_done_of_the_open_ones():
+    assert position(Board(12, NOW)) == Position(0, {})
+    split = (done(A, complete=1, e2={0, 1}, e3={5}), done(B, complete=1, e2={7}, e1=set(range(12))))
+    assert position(Board(12, NOW, dones=split)) == Position(2, {2: frozenset({0, 1, 7}), 3: frozenset({5})})
+    claimed = Board(12, NOW, leases=(lease(A, (2, 4, NOW)),), dones=split)
+    assert position(claimed) == position(Board(12, NOW, dones=split))  # a claim is not done
+
+
+def test_a_resumed_position_is_not_read_again_and_the_orders_go_on(tmp_path, caplog):
+    caplog.set_level(logging.INFO, logger="hivetrain.assign")
+    order = [NAMES[i] for i in shard_order("solo", 7, 3, len(NAMES))]
+    saved = Position(
+        3, {3: frozenset(NAMES.index(s) for s in order[:5]), 4: frozenset({NAMES.index("train-000002.tar")})}
+    )
+    assigner = ShardAssigner(NAMES, dht=None, run_id="solo", seed=7, max_epochs=5, resume=saved).start()
+    assert assigner.epoch == 3 and "epoch 3 with 5 of 12 shards done" in caplog.text
+    assert assigner.position() == saved
+    claims = []
+    while (claim := assigner.next_claim(timeout=5)) is not None:
+        claims.append(claim)
+        assigner.complete(claim, samples=1)
+    assigner.close()
+    assert [c.shard for c in claims if c.epoch == 3] == order[5:]  # the rest of epoch 3, in its order
+    assert [c.shard for c in claims if c.epoch == 4] == [
+        NAMES[i] for i in shard_order("solo", 7, 4, 12) if i != 2
+    ]
+    assert {c.epoch for c in claims} == {3, 4}
 
 
 def test_parsing_ignores_and_reports_records_that_make_no_sense():

@@ -27,7 +27,7 @@ from hivemind.utils.crypto import RSAPrivateKey
 
 from hivetrain.assign import LeaseTiming, ShardAssigner
 from hivetrain.dht import ensure_run_validators, make_dht, signing_key, visible_addresses
-from hivetrain.leases import shard_list_fingerprint, shard_order
+from hivetrain.leases import Position, shard_list_fingerprint, shard_order
 from tests.util import REPO, loopback_dhts, wait_until
 
 FAST = LeaseTiming(settle_s=0.05, poll_s=0.05, request_timeout_s=5)
@@ -247,6 +247,23 @@ def test_peer_joining_mid_run_gets_work_at_the_current_epoch(swarm, run_id, peer
     assert sum(x["peer"] not in {a.peer_id for a in early} for x in lines) >= 3
 
 
+def test_a_restarted_peer_keeps_its_finished_shards_and_a_live_run_overrides_a_checkpoint(
+    swarm, run_id, peer, caplog
+):
+    caplog.set_level(logging.INFO, logger="hivetrain.assign")
+    shards = names(8)
+    first = peer(swarm[0], shards=shards)
+    finished = [first.next_claim(timeout=10) for _ in range(3)]
+    for claim in finished:
+        first.complete(claim, samples=1)
+    first.close()
+    # the same node's key (a peer restarted with its --identity) with a checkpoint from elsewhere
+    again = peer(swarm[0], shards=shards, max_epochs=1, resume=Position(5, {5: frozenset({0, 1})}))
+    assert "the run's data position stands, not the checkpoint's" in caplog.text and again.epoch == 0
+    rest = consume(again, 0.0)
+    assert sorted(c.shard for c in rest) == sorted(set(shards) - {c.shard for c in finished})
+
+
 def test_three_times_faster_peer_reads_about_three_times_more(swarm, run_id, peer, tmp_path):
     # the same settings for both; three shards claimed per round and held ahead keep claiming off the
     # critical path even on a loaded machine, as a prefetching data plane does
@@ -255,9 +272,34 @@ def test_three_times_faster_peer_reads_about_three_times_more(swarm, run_id, pee
         peer(swarm[k], name, shards=shards, max_epochs=1, batch=3) for k, name in enumerate(("fast", "slow"))
     )
     in_threads(lambda: consume(fast, 0.3, prefetch=3), lambda: consume(slow, 0.9, prefetch=3))
+    lines = read_logs(tmp_path / "fast", tmp_path / "slow")
+    assert {x["shard"] for x in lines} == set(shards) and len(
+        lines
+    ) <= 36 + 3  # backups of the slow one's last
     n_fast, n_slow = len(read_logs(tmp_path / "fast")), len(read_logs(tmp_path / "slow"))
-    assert n_fast + n_slow == 36
     assert 2.0 <= n_fast / n_slow <= 4.5, (n_fast, n_slow)
+
+
+def test_a_far_slower_peer_does_not_hold_up_the_end_of_an_epoch(swarm, run_id, peer, tmp_path):
+    shards, read_fast, read_slow = names(24), 0.1, 6.0
+    fast = [peer(swarm[k], f"fast{k}", shards=shards, max_epochs=1, batch=2) for k in (0, 1)]
+    slow = peer(swarm[2], "slow", shards=shards, max_epochs=1, batch=2)
+    jobs = [lambda a=a: consume(a, read_fast, prefetch=2) for a in fast]
+    in_threads(*jobs, lambda: consume(slow, read_slow, prefetch=2))
+    lines = sorted(
+        read_logs(tmp_path / "fast0", tmp_path / "fast1", tmp_path / "slow"), key=lambda x: x["end"]
+    )
+    first = {}
+    for x in lines:
+        first.setdefault(x["shard"], x)
+    assert set(first) == set(shards)
+    ended = max(x["end"] for x in first.values())
+    their_part = max(x["end"] for x in lines if x["peer"] != slow.peer_id and not x.get("backup"))
+    backups = [x for x in lines if x.get("backup")]
+    assert backups and all(x["peer"] != slow.peer_id for x in backups)
+    # without backup readers the epoch would end when the slow peer had read what it holds (6 s or more)
+    assert ended - their_part < read_slow / 3, (ended - their_part, lines)
+    assert len(lines) - len(shards) <= 3  # the slow peer's shards read twice: a duplicate each, no more
 
 
 def test_hostile_peer_cannot_erase_forge_or_crash(swarm, run_id, peer, tmp_path):

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import shutil
 import signal
 from pathlib import Path
 
@@ -13,6 +14,7 @@ import torch
 
 from hivetrain import checkpoint, recipe
 from hivetrain.errors import CheckpointError, HivetrainError
+from hivetrain.leases import Position
 from shardtool.transport.serve import ShardServer
 from tests.shardset import make_shard_set
 from tests.util import BIN, cli, wait_until
@@ -119,6 +121,26 @@ def test_checkpoint_round_trip_and_identity_checks(tmp_path):
     with pytest.raises(CheckpointError, match="no such checkpoint"):
         checkpoint.load(tmp_path / "missing.pt")
     assert sorted(p.name for p in tmp_path.iterdir()) == ["broken.pt", "latest.pt"]  # no temp files left
+
+
+def test_a_checkpoint_keeps_the_data_position_by_shard_name(tmp_path):
+    names = [f"train-{i:06d}.tar" for i in range(6)]
+    where = Position(4, {4: frozenset({0, 5}), 5: frozenset({2})})
+    state = checkpoint.position_state(where, names)
+    assert state == {
+        "epoch": 4,
+        "done": {"4": ["train-000000.tar", "train-000005.tar"], "5": ["train-000002.tar"]},
+    }
+    ident = checkpoint.Identity("cifar-10", "abc", "resnet18", 10, 32)
+    checkpoint.save(tmp_path / "latest.pt", identity=ident, state={"data_position": state})
+    assert checkpoint.saved_position(checkpoint.load(tmp_path), names, path="x") == where
+    assert checkpoint.saved_position({"data_epoch": 3}, names, path="x") == Position(
+        3, {}
+    )  # older checkpoints
+    assert checkpoint.saved_position({}, names, path="x") == Position(0, {})
+    for damaged in ({"epoch": 4}, {"epoch": 4, "done": {"4": ["nope.tar"]}}, {"epoch": 4, "done": {"3": []}}):
+        with pytest.raises(CheckpointError, match=r"ck\.pt: its data position is damaged"):
+            checkpoint.saved_position({"data_position": damaged}, names, path="ck.pt")
 
 
 # ---- the command line: user errors are one line -----------------------------------------------
@@ -277,3 +299,52 @@ def test_late_joiner_loads_state_a_killed_peer_loses_nothing_and_sigterm_stops_c
     # Only shards in flight at the kill can be read twice (finished by the killed peer but not yet
     # announced): the shards it held, at most the read-ahead of its feed and loader.
     assert extra <= 6, extra
+
+
+@pytest.mark.slow
+def test_a_whole_run_killed_mid_epoch_resumes_its_data_where_the_checkpoint_has_it(
+    served, tmp_path, children
+):
+    a, b, saved = tmp_path / "a", tmp_path / "b", tmp_path / "saved.pt"
+    sync = SYNC_MODES["diloco"]
+    pa = start_peer(children, served, a, "--epochs", "100", "--checkpoint-dir", a / "ck", "--checkpoint-every", "0.02",
+                    *sync)  # fmt: skip
+    pb = start_peer(children, served, b, "--epochs", "100", "--initial-peer", maddr(a), *sync)
+
+    def mid_epoch() -> bool:  # a checkpoint of epoch 1 or later with some, not all, of its epoch done
+        if not (a / "ck" / "latest.pt").exists():
+            return False
+        shutil.copyfile(a / "ck" / "latest.pt", saved)  # written by rename: a whole file, old or new
+        where = checkpoint.saved_position(checkpoint.load(saved), everything, path=saved)
+        return where.epoch >= 1 and 0 < len(where.done.get(where.epoch, ())) < 16
+
+    everything = [f"train-{i:06d}.tar" for i in range(16)]
+    wait_until(mid_epoch, timeout=240, interval=0.2, what="a checkpoint taken mid-epoch")
+    for proc in (pa, pb):
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait(timeout=30)
+    where = checkpoint.saved_position(checkpoint.load(saved), everything, path=saved)
+    left = {
+        e: sorted(set(everything) - {everything[i] for i in where.done.get(e, ())})
+        for e in (where.epoch, where.epoch + 1)
+    }
+
+    a2, b2 = tmp_path / "a2", tmp_path / "b2"
+    pa = start_peer(children, served, a2, "--epochs", "100", "--resume-from", saved, *sync)
+    pb = start_peer(
+        children, served, b2, "--epochs", "100", "--resume-from", saved, "--initial-peer", maddr(a2), *sync
+    )
+    reads = lambda: jsonl(a2 / "shards.jsonl") + jsonl(b2 / "shards.jsonl")  # noqa: E731
+    wait_until(
+        lambda: all(len({r["shard"] for r in reads() if r["epoch"] == e}) == len(left[e]) for e in left),
+        timeout=240, what="the resumed run to finish its epoch and the next",
+    )  # fmt: skip
+    for proc in (pa, pb):
+        proc.send_signal(signal.SIGTERM)
+    out_a, out_b = finish(pa, a2, timeout=60), finish(pb, b2, timeout=60)
+    assert f"resuming the data where the checkpoint has it, epoch {where.epoch}" in out_a, out_a[-3000:]
+    assert "the run's data position stands, not the checkpoint's" in out_b, out_b[-3000:]
+    after = reads()
+    assert min(r["epoch"] for r in after) == where.epoch, "no earlier epoch is read again"
+    for epoch, shards in left.items():  # the checkpoint's done shards are not read again, the others once
+        assert sorted(r["shard"] for r in after if r["epoch"] == epoch) == shards, f"epoch {epoch}"

@@ -25,6 +25,11 @@ tested without a DHT. Around it, one file per concern:
     observer.py   `BoardObserver`: what changed between reads (epoch, peers, clocks, malformed and
                   abandoned records), logged once each
 
+A checkpoint keeps the run's data position (`ShardAssigner.position()`). A peer started with one
+(`resume=`) takes it only when the DHT holds no record of the run (every peer stopped): the run goes on in
+that epoch without reading its done shards again. A peer restarted under its old key keeps the shards its
+old record lists as finished.
+
 Finished shards also go to `shards.jsonl` (`hivetrain.metrics.JsonLines`), one line each.
 """
 

@@ -22,7 +22,19 @@ from pathlib import Path
 import hivemind
 from hivemind.utils import get_dht_time
 
-from ..leases import WINDOW, Board, Done, Lease, choose, confirmed, current_epoch, shard_order
+from ..leases import (
+    WINDOW,
+    Board,
+    Done,
+    Lease,
+    Position,
+    choose,
+    confirmed,
+    current_epoch,
+    late_after,
+    shard_order,
+)
+from ..leases import position as position_of
 from ..metrics import JsonLines
 from .holdings import Claim, Holdings
 from .observer import BoardObserver
@@ -72,13 +84,17 @@ class ShardAssigner:
         run_id: the run's name; prefixes the DHT key.
         lease_s: a claim not renewed for this long is taken over by others (renewed every `lease_s / 3`).
         seed: with `run_id` and the epoch, seeds the shard order every peer agrees on.
-        log_dir: where `shards.jsonl` gets one line per finished shard (epoch, shard, start, end, samples, peer).
+        log_dir: where `shards.jsonl` gets one line per finished shard (epoch, shard, start, end, samples, peer,
+            and `backup` for a second reading of another peer's straggler).
         max_epochs: `next_claim` returns None once this many epochs are complete; None: no end.
         batch: shards claimed per DHT round (publish, settle, re-read), handed out one per `next_claim`.
             A round takes about `settle_s` plus two DHT round trips; a peer that reads shards faster than
             that should claim several per round (its prefetch depth), or it reads no faster than it claims.
         timing: settle, poll and expiry times (`LeaseTiming`).
         rng: this peer's choice among free shards (default: seeded from os.urandom).
+        resume: the data position a checkpoint recorded (`position()` when it was taken). It stands when
+            the run has no records left in the DHT (every peer stopped): the shards it counts as done are
+            not read again in its epoch. A live run's own position stands over it.
     """
 
     def __init__(
@@ -94,6 +110,7 @@ class ShardAssigner:
         batch: int = 1,
         timing: LeaseTiming = LeaseTiming(),
         rng: random.Random | None = None,
+        resume: Position | None = None,
     ):
         if not shards:
             raise ValueError("no shards to assign")
@@ -127,6 +144,11 @@ class ShardAssigner:
         self._thread: threading.Thread | None = None
         self._started = False
         self.lost_races = 0
+        self.backups = 0  # straggler shards of other peers this peer claimed a second reading of
+        self._claim_to_done_s: deque[float] = deque(maxlen=9)  # this peer's recent shards, claim to finish
+        self._board = Board(len(self._shards), 0.0)  # the last board read
+        self._resume = resume
+        self._floor = -1  # the last epoch known complete before any board says so (a restart's)
 
     def start(self) -> ShardAssigner:
         """Join the run: read its records, publish this peer's (others count it from then on) and start the
@@ -140,7 +162,8 @@ class ShardAssigner:
             self._owner = self._store.open()
         if self._log_path is not None:
             self._log = JsonLines(self._log_path)
-        self._read()
+        self._take_position()
+        self._read(max_age=float("inf"))  # the records `_take_position` just read
         if self._store is not None:
             self._publish()
             self._thread = threading.Thread(
@@ -148,6 +171,33 @@ class ShardAssigner:
             )
             self._thread.start()
         return self
+
+    def _take_position(self) -> None:
+        """Start where the run's data stands: this peer's own record from before a restart counts as its
+        own work, and when the DHT holds no record of the run at all (every peer stopped), the checkpoint's
+        position stands in for the run's."""
+        records = Records() if self._store is None else self._store.read()
+        with self._lock:
+            for record in records.dones:
+                if record.owner == self._owner:
+                    self._holdings.adopt(record.shards)
+                    self._floor = max(self._floor, record.complete)
+            if self._resume is None:
+                return
+            peers = {x.owner for x in (*records.leases, *records.dones)}
+            if peers:
+                logger.info(
+                    "run %s: %d peer(s) of the run have records: the run's data position stands, not the "
+                    "checkpoint's", self._run_id, len(peers),
+                )  # fmt: skip
+                return
+            self._holdings.adopt(self._resume.done)
+            self._floor = max(self._floor, self._resume.epoch - 1)
+        logger.info(
+            "run %s: no peer of the run is left: resuming the data where the checkpoint has it, epoch %d "
+            "with %d of %d shards done", self._run_id, self._resume.epoch,
+            len(self._resume.done.get(self._resume.epoch, ())), len(self._shards),
+        )  # fmt: skip
 
     # ---- public API -------------------------------------------------------------------------------
 
@@ -170,6 +220,13 @@ class ShardAssigner:
     def malformed(self) -> int:
         """Records from other peers ignored because they make no sense (counted once each)."""
         return self._observer.malformed
+
+    def position(self) -> Position:
+        """The run's data position, for a checkpoint: its current epoch and the shards done in the open
+        epochs, from a board at most `lease_s / 3` old (this peer's own shards as of now). Shards that
+        others finished since the board was read are read again after a restart, never skipped."""
+        self._check_started()
+        return position_of(self._read(max_age=self._lease_s / 3))
 
     def held(self) -> list[Claim]:
         """The claims this peer holds and has not completed or released."""
@@ -197,12 +254,18 @@ class ShardAssigner:
                 board = self._read(max_age=self._timing.settle_s)  # the last round's confirmation will do
                 spread = 1 if self.single_peer else 2 * len(board.live_peers())  # alone: the exact order
                 picks: list[tuple[int, int]] = []
-                kw = dict(rng=self._rng, spread=spread, max_epochs=self._max_epochs, skip=picks)
+                backups: set[tuple[int, int]] = set()
+                with self._lock:
+                    late_s = late_after(self._claim_to_done_s)
+                kw = dict(rng=self._rng, spread=spread, max_epochs=self._max_epochs, skip=picks, me=self._owner,
+                          late_s=late_s)  # fmt: skip
                 most = max(1, batch or self._batch)
                 while len(picks) < most and (step := choose(board, self._order, **kw)).kind == "claim":
                     picks.append((step.epoch, step.index))
+                    if step.backup:
+                        backups.add(picks[-1])
                 if picks:
-                    self._claim_round(picks)
+                    self._claim_round(picks, backups)
                     self.claim_rounds_s.append(time.monotonic() - started)
                     continue
                 if step.kind == "finished":
@@ -227,12 +290,21 @@ class ShardAssigner:
             return
         if held is None:
             raise ValueError(f"shard {claim.shard} of epoch {claim.epoch} is not held by this peer")
+        with self._lock:
+            self._claim_to_done_s.append(end - held.start)
         if self._log is not None:
             line = dict(epoch=claim.epoch, shard=claim.shard, start=held.start, end=end, samples=samples)
-            self._log.write(dict(line, peer=self.peer_id))
+            self._log.write(dict(line, peer=self.peer_id, **({"backup": True} if held.backup else {})))
         with self._lock:  # published with the next claim round, or by the renewal thread soon after
             self._holdings.touch()
         self._wake.set()
+
+    def finished_elsewhere(self, claim: Claim) -> bool:
+        """Whether the last board read shows `claim`'s shard finished by another peer (a backup reader
+        took over a shard this peer was slow to reach): no need to read it."""
+        index = self._shards.index(claim.shard)
+        with self._lock:
+            return index in self._board.done(claim.epoch)
 
     def release(self, claim: Claim) -> None:
         """Give an unfinished shard back at once, for others (or this peer) to read."""
@@ -242,16 +314,19 @@ class ShardAssigner:
             self._wake.set()
 
     def epoch_state(self, epoch: int | None = None) -> dict[str, dict]:
-        """Per shard of `epoch` (default: the current one): `state` done/claimed/free and `holder` peer id."""
+        """Per shard of `epoch` (default: the current one): `state` (done, claimed, backup: claimed by a
+        straggler's second reader too, or free) and `holder` peer id."""
         self._check_started()
         board = self._read()
         epoch = current_epoch(board) if epoch is None else epoch
-        done, held = board.done(epoch), {i: h[2] for i, h in board.holders(epoch).items()}
+        done, held = board.done(epoch), board.claims(epoch)
 
         def state(i: int) -> dict:
             if i in done:
                 return {"state": "done", "holder": done[i]}
-            return {"state": "claimed", "holder": held[i]} if i in held else {"state": "free", "holder": None}
+            if i in held:
+                return {"state": "backup" if len(held[i]) > 1 else "claimed", "holder": held[i][0][2]}
+            return {"state": "free", "holder": None}
 
         return {name: state(i) for i, name in enumerate(self._shards)}
 
@@ -284,12 +359,13 @@ class ShardAssigner:
                 "call ShardAssigner.start() first: it joins the run (reads the DHT, publishes)"
             )
 
-    def _claim_round(self, picks: list[tuple[int, int]]) -> None:
-        """Publish claims on `picks`, re-read after the settle time, keep in reserve those that stand."""
+    def _claim_round(self, picks: list[tuple[int, int]], backups: set[tuple[int, int]] = frozenset()) -> None:
+        """Publish claims on `picks` (`backups`: second readings of stragglers), re-read after the settle
+        time, keep in reserve those that stand."""
         with self._lock:
             if self._closed.is_set():
                 return
-            claims = self._holdings.hold(picks, claimed_at=get_dht_time(), start=time.time())
+            claims = self._holdings.hold(picks, claimed_at=get_dht_time(), start=time.time(), backups=backups)
             if self._store is None:
                 self._holdings.reserve(claims)
                 return
@@ -297,7 +373,13 @@ class ShardAssigner:
         if self._closed.wait(max(self._timing.settle_s, 2 * self._store.store_s)):
             return  # close() gives the claims back
         board = self._read()
-        lost = [pick for pick in picks if not confirmed(board, self._owner, *pick)]
+        lost = [pick for pick in picks if not confirmed(board, self._owner, *pick, backup=pick in backups)]
+        if kept := len(backups - set(lost)):
+            self.backups += kept
+            logger.info(
+                "run %s: reading %d shard(s) of epoch %d that slower peers have held for long (backup reads)",
+                self._run_id, kept, min(e for e, _ in backups),
+            )  # fmt: skip
         with self._lock:
             self._holdings.drop(lost)
             self._holdings.reserve(claim for claim, pick in zip(claims, picks) if pick not in lost)
@@ -312,7 +394,7 @@ class ShardAssigner:
         records = Records() if self._store is None else self._store.read(max_age=max_age)
         with self._lock:
             others = [self._observer.unabandoned(x) for x in records.leases if x.owner != self._owner]
-            lease, done = self._mine(float("inf"), self._observer.epoch - 1)
+            lease, done = self._mine(float("inf"))
             board = Board(
                 len(self._shards),
                 get_dht_time(),
@@ -322,11 +404,13 @@ class ShardAssigner:
             reachable = None if self._store is None else self._store.reachable
             epoch = self._observer.see(board, records, owner=self._owner, reachable=reachable)
             self._holdings.forget_before(epoch - 1)  # epochs before the previous one are settled
+            self._board = board
         return board
 
-    def _mine(self, expires: float, complete: int, written: float = 0.0) -> tuple[Lease, Done]:
+    def _mine(self, expires: float, written: float = 0.0) -> tuple[Lease, Done]:
         """This peer's lease and done list as its holdings have them (called with `_lock` held)."""
         peer, claims, done = self.peer_id, self._holdings.claims(), self._holdings.done()
+        complete = max(self._observer.epoch - 1, self._floor)
         return Lease(self._owner, peer, expires, claims, written), Done(self._owner, peer, complete, done)
 
     # ---- publishing -------------------------------------------------------------------------------
@@ -345,7 +429,7 @@ class ShardAssigner:
                     self._run_id,
                     lapsed,
                 )
-            return self._mine(self._holdings.lease_until, max(self._observer.epoch - 1, -1), written=now)
+            return self._mine(self._holdings.lease_until, written=now)
 
     def _renew(self) -> None:
         """The renewal thread: rewrite the record every `lease_s / 3`, and within `poll_s` of a change

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import time
 from collections import deque
-from collections.abc import Iterable, Sequence
+from collections.abc import Collection, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 
 
@@ -24,6 +24,7 @@ class Held:
     index: int
     claimed_at: float  # DHT time, the tie-break
     start: float  # wall clock, for shards.jsonl
+    backup: bool = False  # a second reading of another peer's straggler
 
 
 class Holdings:
@@ -49,12 +50,20 @@ class Holdings:
 
     # ---- claims ---------------------------------------------------------------------------------------
 
-    def hold(self, picks: Iterable[tuple[int, int]], *, claimed_at: float, start: float) -> list[Claim]:
-        """Hold the `(epoch, index)` picks, claimed at DHT time `claimed_at` (reading from wall clock `start`)."""
+    def hold(
+        self,
+        picks: Iterable[tuple[int, int]],
+        *,
+        claimed_at: float,
+        start: float,
+        backups: Collection[tuple[int, int]] = (),
+    ) -> list[Claim]:
+        """Hold the `(epoch, index)` picks, claimed at DHT time `claimed_at` (reading from wall clock `start`);
+        those in `backups` are second readings of other peers' stragglers."""
         claims = []
         for epoch, index in picks:
             claims.append(Claim(epoch, self._shards[index]))
-            self._held[(epoch, index)] = Held(claims[-1], index, claimed_at, start)
+            self._held[(epoch, index)] = Held(claims[-1], index, claimed_at, start, (epoch, index) in backups)
         return claims
 
     def drop(self, picks: Iterable[tuple[int, int]]) -> None:
@@ -101,6 +110,13 @@ class Holdings:
     def done(self) -> dict[int, frozenset[int]]:
         """The shards finished, per epoch."""
         return {epoch: frozenset(shards) for epoch, shards in self._done.items()}
+
+    def adopt(self, done: Mapping[int, Iterable[int]]) -> None:
+        """Count the shards in `done` (epoch -> indices) as finished here: those of this peer's record from
+        before a restart, or those a checkpoint says its model holds when the whole run restarts."""
+        for epoch, shards in done.items():
+            self._done.setdefault(epoch, set()).update(shards)
+        self.touch()
 
     def forget_before(self, epoch: int) -> None:
         """Drop the done lists of epochs before `epoch` (settled: kept small)."""

@@ -286,7 +286,8 @@ class RunMonitor:
         return None
 
     def _epoch(self, value, now: float, peers: list[dict[str, Any]]) -> dict[str, Any] | None:
-        """The current epoch's shards: state (done, claimed, free) and holder of each, in manifest order."""
+        """The current epoch's shards: state (done, claimed, backup: claimed by a second reader as a
+        straggler, free) and holder of each, in manifest order."""
         shard_list = self._shard_list(peers)
         if shard_list is None:
             return None
@@ -300,7 +301,7 @@ class RunMonitor:
                 self._refuse("malformed", owner, expiration)
         board = Board(n, now, tuple(leases), tuple(dones))
         epoch = current_epoch(board)
-        done, held = board.done(epoch), board.holders(epoch)
+        done, held = board.done(epoch), board.claims(epoch)
         names_by_peer = {p["peer"]: p["name"] for p in peers}
         states, holders = [], []
         for i in range(n):
@@ -308,8 +309,8 @@ class RunMonitor:
                 states.append("done")
                 holders.append(done[i])
             elif i in held:
-                states.append("claimed")
-                holders.append(held[i][2])
+                states.append("backup" if len(held[i]) > 1 else "claimed")
+                holders.append(held[i][0][2])
             else:
                 states.append("free")
                 holders.append(None)
@@ -317,7 +318,7 @@ class RunMonitor:
         return dict(
             epoch=epoch, count=n, fp=fp, names=names, states=states, holders=holders,
             holder_names={h: names_by_peer[h] for h in set(holders) if h in names_by_peer},
-            done=counts["done"], claimed=counts["claimed"], free=counts["free"],
+            done=counts["done"], claimed=counts["claimed"], backup=counts["backup"], free=counts["free"],
         )  # fmt: skip
 
     @staticmethod

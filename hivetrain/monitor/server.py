@@ -94,7 +94,7 @@ class StateCollector:
             shards = GaugeMetricFamily(
                 "hivetrain_epoch_shards", "Shards of the current epoch by state.", labels=["state"]
             )
-            for status in ("done", "claimed", "free"):
+            for status in ("done", "claimed", "backup", "free"):
                 shards.add_metric([status], epoch[status])
             yield shards
         refused = CounterMetricFamily(

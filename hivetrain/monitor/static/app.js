@@ -114,7 +114,7 @@
     const name = epoch.names ? epoch.names[i] : `shard ${i}`;
     const holder = epoch.holders[i];
     const who = holder == null ? "" : ` · ${epoch.holder_names[holder] || "?"} (${holder})`;
-    const state = { done: "done", claimed: "in progress", free: "free" }[epoch.states[i]];
+    const state = { done: "done", claimed: "in progress", backup: "in progress, and a backup reader on it", free: "free" }[epoch.states[i]];
     return `${name}: ${state}${who}`;
   }
 
@@ -123,7 +123,7 @@
     if (epoch == null) {
       box.replaceChildren(el("p", { className: "hint" }, "No shard list known yet (no peer has announced one)."));
       grid = null;
-      for (const id of ["epoch-number", "epoch-done", "epoch-claimed", "epoch-free"]) $(id).textContent = none;
+      for (const id of ["epoch-number", "epoch-done", "epoch-claimed", "epoch-backup", "epoch-free"]) $(id).textContent = none;
       return;
     }
     if (grid == null || grid.count !== epoch.count) {
@@ -143,6 +143,7 @@
     $("epoch-number").textContent = fmt.int(epoch.epoch);
     $("epoch-done").textContent = fmt.int(epoch.done);
     $("epoch-claimed").textContent = fmt.int(epoch.claimed);
+    $("epoch-backup").textContent = fmt.int(epoch.backup);
     $("epoch-free").textContent = fmt.int(epoch.free);
     $("total-epoch-sub").textContent = `${epoch.done} of ${epoch.count} shards done`;
   }
