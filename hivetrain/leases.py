@@ -161,13 +161,13 @@ def stragglers(
     return [index for _, index in sorted(late)]
 
 
-def late_after(claim_to_done_s: Sequence[float], *, factor: float = 2.0) -> float | None:
+def late_after(hold_s: Sequence[float], *, factor: float = 2.0) -> float | None:
     """How long another peer may hold a shard before it counts as a straggler: `factor` times the median
-    time this peer takes from claiming a shard to finishing it (its read-ahead queue included), so that
-    peers of the same speed never back each other up; None until three shards are timed."""
-    if len(claim_to_done_s) < 3:
+    time the run's recent shards stayed claimed (claim to finish, read-ahead queues included), so that a
+    faster peer does not back up peers of ordinary speed; None until three shards are timed."""
+    if len(hold_s) < 3:
         return None
-    return factor * sorted(claim_to_done_s)[len(claim_to_done_s) // 2]
+    return factor * sorted(hold_s)[len(hold_s) // 2]
 
 
 @dataclass(frozen=True)

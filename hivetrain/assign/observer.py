@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 import logging
 import time
+from collections import deque
 from collections.abc import Sequence
 
 from ..dht import clock_offset
@@ -38,6 +39,9 @@ class BoardObserver:
         self._skewed: set[bytes] = set()
         self._first_seen: dict[tuple[bytes, int, int], float] = {}  # others' claims (monotonic)
         self._abandoned: set[tuple[bytes, int, int]] = set()
+        self.hold_s: deque[float] = deque(maxlen=32)
+        """How long other peers' recent shards stayed claimed, from first sighting here to done."""
+        self._timed: set[tuple[bytes, int, int]] = set()  # claims whose hold is in `hold_s`
 
     @property
     def malformed(self) -> int:
@@ -64,6 +68,7 @@ class BoardObserver:
         """Take in a board built from `records` (this peer: `owner`; `reachable`: None without a DHT) and
         log what changed; returns the current epoch."""
         self._note_malformed(records.malformed)
+        self._note_finished(board)
         self._note_epoch(current_epoch(board))
         self._note_alone(len(board.live_peers()) - 1, reachable)
         for lease in records.leases:
@@ -77,6 +82,20 @@ class BoardObserver:
             self._malformed |= new
             logger.warning("run %s: ignored %d malformed record(s) from other peers", self._run_id, len(new))
 
+    def _note_finished(self, board: Board) -> None:
+        """Time the claims of others that are done now (a claim may outlive its shard's completion: a
+        straggler's, whose backup reader finished first; it is timed once)."""
+        now, done = time.monotonic(), {}
+        for key, seen in self._first_seen.items():
+            _, e, i = key
+            if (
+                key not in self._timed
+                and key not in self._abandoned
+                and i in done.setdefault(e, board.done(e))
+            ):
+                self._timed.add(key)
+                self.hold_s.append(now - seen)
+
     def _note_epoch(self, epoch: int) -> None:
         if epoch == self.epoch:
             return
@@ -88,6 +107,7 @@ class BoardObserver:
         for key in [k for k in self._first_seen if k[1] < epoch - 1]:
             del self._first_seen[key]
         self._abandoned = {k for k in self._abandoned if k[1] >= epoch - 1}
+        self._timed = {k for k in self._timed if k[1] >= epoch - 1}
 
     def _note_alone(self, others: int, reachable: bool | None) -> None:
         alone = not reachable or others == 0
