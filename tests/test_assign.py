@@ -11,6 +11,8 @@ import pytest
 from hivemind.utils import ValueWithExpiration
 
 from hivetrain.assign import Claim, ShardAssigner
+from hivetrain.assign.observer import BoardObserver
+from hivetrain.assign.store import Records
 from hivetrain.leases import (
     Board,
     Done,
@@ -132,6 +134,21 @@ def test_a_straggler_at_the_epoch_end_gets_one_backup_reader_before_the_next_epo
         early, identity, rng=random.Random(0)
     )
     assert late_after([1.0, 2.0]) is None and late_after([1.0, 9.0, 2.0, 3.0]) == 6.0
+
+
+def test_the_observer_times_each_claim_of_others_once_from_sighting_to_done():
+    observer = BoardObserver("r", NAMES, max_hold_s=1800)
+
+    def see(*leases_, dones=()):
+        board = Board(12, NOW, tuple(observer.unabandoned(x) for x in leases_), dones)
+        observer.see(board, Records(leases_, dones), owner=A, reachable=True)
+
+    slow = lease(B, (0, 3, NOW - 1), (0, 4, NOW - 1))
+    see(slow)
+    time.sleep(0.2)
+    see(slow, dones=(done(C, e0={3}),))  # shard 3 finished by a backup reader; B still holds its claim
+    see(slow, dones=(done(C, e0={3}),))
+    assert len(observer.hold_s) == 1 and observer.hold_s[0] >= 0.2
 
 
 def test_finished_after_max_epochs():
