@@ -161,13 +161,15 @@ def stragglers(
     return [index for _, index in sorted(late)]
 
 
-def late_after(hold_s: Sequence[float], *, factor: float = 2.0) -> float | None:
+def late_after(hold_s: Sequence[float], *, factor: float = 3.0, least_s: float = 0.0) -> float | None:
     """How long another peer may hold a shard before it counts as a straggler: `factor` times the median
-    time the run's recent shards stayed claimed (claim to finish, read-ahead queues included), so that a
-    faster peer does not back up peers of ordinary speed; None until three shards are timed."""
+    time the run's recent shards stayed claimed (claim to finish, read-ahead queues included), so that
+    peers of ordinary speed (volunteers' GPUs differ 2-3x) are not backed up, and never less than
+    `least_s` (a pause of an averaging round is no reason to read a shard twice); None until three
+    shards are timed."""
     if len(hold_s) < 3:
         return None
-    return factor * sorted(hold_s)[len(hold_s) // 2]
+    return max(least_s, factor * sorted(hold_s)[len(hold_s) // 2])
 
 
 @dataclass(frozen=True)

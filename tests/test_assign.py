@@ -133,7 +133,8 @@ def test_a_straggler_at_the_epoch_end_gets_one_backup_reader_before_the_next_epo
     assert choose(early, identity, rng=random.Random(0), me=A, late_s=5) == choose(
         early, identity, rng=random.Random(0)
     )
-    assert late_after([1.0, 2.0]) is None and late_after([1.0, 9.0, 2.0, 3.0]) == 6.0
+    assert late_after([1.0, 2.0]) is None and late_after([1.0, 9.0, 2.0, 3.0]) == 9.0
+    assert late_after([1.0, 9.0, 2.0, 3.0], least_s=15.0) == 15.0
 
 
 def test_the_observer_times_each_claim_of_others_once_from_sighting_to_done():

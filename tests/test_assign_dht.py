@@ -273,15 +273,14 @@ def test_three_times_faster_peer_reads_about_three_times_more(swarm, run_id, pee
     )
     in_threads(lambda: consume(fast, 0.3, prefetch=3), lambda: consume(slow, 0.9, prefetch=3))
     lines = read_logs(tmp_path / "fast", tmp_path / "slow")
-    assert {x["shard"] for x in lines} == set(shards) and len(
-        lines
-    ) <= 36 + 3  # backups of the slow one's last
+    assert {x["shard"] for x in lines} == set(shards)
+    assert len(lines) - 36 <= sum(bool(x.get("backup")) for x in lines) <= 3  # only stragglers read twice
     n_fast, n_slow = len(read_logs(tmp_path / "fast")), len(read_logs(tmp_path / "slow"))
     assert 2.0 <= n_fast / n_slow <= 4.5, (n_fast, n_slow)
 
 
 def test_a_far_slower_peer_does_not_hold_up_the_end_of_an_epoch(swarm, run_id, peer, tmp_path):
-    shards, read_fast, read_slow = names(24), 0.1, 6.0
+    shards, read_fast, read_slow = names(24), 0.1, 9.0  # "late" is half a lease (2.5 s) here
     fast = [peer(swarm[k], f"fast{k}", shards=shards, max_epochs=1, batch=2) for k in (0, 1)]
     slow = peer(swarm[2], "slow", shards=shards, max_epochs=1, batch=2)
     jobs = [lambda a=a: consume(a, read_fast, prefetch=2) for a in fast]
@@ -297,7 +296,7 @@ def test_a_far_slower_peer_does_not_hold_up_the_end_of_an_epoch(swarm, run_id, p
     their_part = max(x["end"] for x in lines if x["peer"] != slow.peer_id and not x.get("backup"))
     backups = [x for x in lines if x.get("backup")]
     assert backups and all(x["peer"] != slow.peer_id for x in backups)
-    # without backup readers the epoch would end when the slow peer had read what it holds (6 s or more)
+    # without backup readers the epoch would end when the slow peer had read what it holds (9 s or more)
     assert ended - their_part < read_slow / 3, (ended - their_part, lines)
     assert len(lines) - len(shards) <= 3  # the slow peer's shards read twice: a duplicate each, no more
 

@@ -236,9 +236,9 @@ def test_two_peers_share_epochs_and_learn(served, tmp_path, children, mode):
     shared = 0
     for epoch in epochs[:-2]:  # the last two may be cut short by the last global step (two are open at once)
         in_epoch = [r for r in reads if r["epoch"] == epoch]
-        assert sorted(r["shard"] for r in in_epoch) == everything, (
-            f"epoch {epoch}: each shard read exactly once"
-        )
+        assert sorted({r["shard"] for r in in_epoch}) == everything, f"epoch {epoch}: every shard read"
+        extra = len(in_epoch) - len(everything)  # a second reading only where a backup reader read it
+        assert extra <= sum(bool(r.get("backup")) for r in in_epoch), f"epoch {epoch}: read twice unasked"
         shared += len({r["peer"] for r in in_epoch}) == 2
     assert shared >= 1, "in at least one whole epoch both peers read shards"
     final = [float(out.rsplit("val top-1 ", 1)[1].split("%")[0]) for out in (out_a, out_b)]
@@ -347,4 +347,6 @@ def test_a_whole_run_killed_mid_epoch_resumes_its_data_where_the_checkpoint_has_
     after = reads()
     assert min(r["epoch"] for r in after) == where.epoch, "no earlier epoch is read again"
     for epoch, shards in left.items():  # the checkpoint's done shards are not read again, the others once
-        assert sorted(r["shard"] for r in after if r["epoch"] == epoch) == shards, f"epoch {epoch}"
+        got = [r for r in after if r["epoch"] == epoch]
+        assert sorted({r["shard"] for r in got}) == shards, f"epoch {epoch}"
+        assert len(got) - len(shards) <= sum(bool(r.get("backup")) for r in got), f"epoch {epoch}: read twice"

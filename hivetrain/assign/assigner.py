@@ -256,7 +256,9 @@ class ShardAssigner:
                 picks: list[tuple[int, int]] = []
                 backups: set[tuple[int, int]] = set()
                 with self._lock:  # how long shards stay claimed in this run: its own and others'
-                    late_s = late_after([*self._claim_to_done_s, *self._observer.hold_s])
+                    late_s = late_after(
+                        [*self._claim_to_done_s, *self._observer.hold_s], least_s=self._lease_s / 2
+                    )
                 kw = dict(rng=self._rng, spread=spread, max_epochs=self._max_epochs, skip=picks, me=self._owner,
                           late_s=late_s)  # fmt: skip
                 most = max(1, batch or self._batch)
