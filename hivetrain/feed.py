@@ -86,7 +86,6 @@ class ClaimFeed:
         self.fetch_failures = 0
         self.unavailable: list[str] = []
         self.shards_read = 0
-        self.taken_over = 0  # claimed shards another peer read first (its backup reading of a straggler)
         self.samples_read = 0
         self._room = threading.Condition()
         self._outstanding = 0  # claims taken and not yet finished, released or failed
@@ -121,7 +120,6 @@ class ClaimFeed:
                         claim.shard,
                         claim.epoch,
                     )
-                    self.taken_over += 1
                     self._release(claim, future)
                     continue
                 try:

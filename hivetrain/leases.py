@@ -172,6 +172,22 @@ def late_after(hold_s: Sequence[float], *, factor: float = 3.0, least_s: float =
     return max(least_s, factor * sorted(hold_s)[len(hold_s) // 2])
 
 
+def shard_states(board: Board, epoch: int) -> list[tuple[str, str | None]]:
+    """Per shard of `epoch`, in manifest order: its state (done, claimed, backup: claimed by a straggler's
+    second reader too, or free) and the peer that finished or first claimed it (None when free). The
+    assigner's `epoch_state` and the monitor's grid both show this."""
+    done, held = board.done(epoch), board.claims(epoch)
+
+    def state(i: int) -> tuple[str, str | None]:
+        if i in done:
+            return "done", done[i]
+        if i in held:
+            return ("backup" if len(held[i]) > 1 else "claimed"), held[i][0][2]
+        return "free", None
+
+    return [state(i) for i in range(board.n)]
+
+
 @dataclass(frozen=True)
 class Position:
     """Where the run's data stands: its current epoch and, per open epoch, the shards already done."""

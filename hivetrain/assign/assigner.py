@@ -33,6 +33,7 @@ from ..leases import (
     current_epoch,
     late_after,
     shard_order,
+    shard_states,
 )
 from ..leases import position as position_of
 from ..metrics import JsonLines
@@ -144,7 +145,6 @@ class ShardAssigner:
         self._thread: threading.Thread | None = None
         self._started = False
         self.lost_races = 0
-        self.backups = 0  # straggler shards of other peers this peer claimed a second reading of
         self._claim_to_done_s: deque[float] = deque(maxlen=9)  # this peer's recent shards, claim to finish
         self._board = Board(len(self._shards), 0.0)  # the last board read
         self._resume = resume
@@ -321,16 +321,8 @@ class ShardAssigner:
         self._check_started()
         board = self._read()
         epoch = current_epoch(board) if epoch is None else epoch
-        done, held = board.done(epoch), board.claims(epoch)
-
-        def state(i: int) -> dict:
-            if i in done:
-                return {"state": "done", "holder": done[i]}
-            if i in held:
-                return {"state": "backup" if len(held[i]) > 1 else "claimed", "holder": held[i][0][2]}
-            return {"state": "free", "holder": None}
-
-        return {name: state(i) for i, name in enumerate(self._shards)}
+        states = shard_states(board, epoch)
+        return {name: {"state": s, "holder": h} for name, (s, h) in zip(self._shards, states, strict=True)}
 
     def close(self) -> None:
         """Publish what was finished, give back the shards still held, stop the renewal thread."""
@@ -377,7 +369,6 @@ class ShardAssigner:
         board = self._read()
         lost = [pick for pick in picks if not confirmed(board, self._owner, *pick, backup=pick in backups)]
         if kept := len(backups - set(lost)):
-            self.backups += kept
             logger.info(
                 "run %s: reading %d shard(s) of epoch %d that slower peers have held for long (backup reads)",
                 self._run_id, kept, min(e for e, _ in backups),

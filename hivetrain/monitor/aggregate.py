@@ -27,7 +27,7 @@ from typing import Any
 import hivemind
 from hivemind.utils import get_dht_time
 
-from ..leases import Board, current_epoch, parse_records, shard_list_fingerprint
+from ..leases import Board, current_epoch, parse_records, shard_list_fingerprint, shard_states
 from ..metrics import MAX_RECORD_BYTES, MEASURES, MetricsRecord, metrics_key
 from . import refusals
 
@@ -301,19 +301,8 @@ class RunMonitor:
                 self._refuse("malformed", owner, expiration)
         board = Board(n, now, tuple(leases), tuple(dones))
         epoch = current_epoch(board)
-        done, held = board.done(epoch), board.claims(epoch)
         names_by_peer = {p["peer"]: p["name"] for p in peers}
-        states, holders = [], []
-        for i in range(n):
-            if i in done:
-                states.append("done")
-                holders.append(done[i])
-            elif i in held:
-                states.append("backup" if len(held[i]) > 1 else "claimed")
-                holders.append(held[i][0][2])
-            else:
-                states.append("free")
-                holders.append(None)
+        states, holders = (list(column) for column in zip(*shard_states(board, epoch), strict=True))
         counts = collections.Counter(states)
         return dict(
             epoch=epoch, count=n, fp=fp, names=names, states=states, holders=holders,
