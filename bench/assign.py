@@ -224,7 +224,9 @@ def scenario(mode: str, args, root: Path) -> dict:
     return result
 
 
-def metrics(out: Path, args, *, go: float, killed: float, joined: float) -> dict:
+def metrics(out: Path, args, *, go: float, killed: float, joined: float, normal=None) -> dict:
+    """The table's numbers from the peers' logs (`normal`: the ranks of normal speed, default all but
+    peers 0, VICTIM and SLOW)."""
     reads, claims = {}, {}
     for rank in range(args.peers + 1):
         d = out / f"peer{rank}"
@@ -269,7 +271,7 @@ def metrics(out: Path, args, *, go: float, killed: float, joined: float) -> dict
         "latency_p95": latency[int(0.95 * (len(latency) - 1))] if latency else 0.0,
         "run_time": max(r["end"] for r in every) - go,
         "fast_vs_normal": len(reads[0])
-        / statistics.mean(len(reads[r]) for r in range(1, args.peers) if r not in (VICTIM, SLOW)),
+        / statistics.mean(len(reads[r]) for r in (normal or range(1, args.peers)) if r not in (VICTIM, SLOW)),
         "tail": max(tails, default=0.0),
         "backups": sum(bool(r.get("backup")) for r in every),
     }

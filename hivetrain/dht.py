@@ -5,8 +5,8 @@ installs the run's record validators before the node bootstraps:
 
 * `RSASignatureValidator`: a record whose subkey holds `[owner:<public key>]` can only be written by the
   holder of that key, so one peer cannot erase or overwrite another's records;
-* `SchemaValidator` over `RunRecords` (prefix = run id): the DHT itself drops records of the wrong shape,
-  whoever sends them;
+* `SchemaValidator` over `RunRecords` (prefix = run id) and `ShardKeysValidator` for the per-epoch shard
+  keys: the DHT itself drops records of the wrong shape, whoever sends them;
 * `SizeValidator`: records larger than their schema's `max_record_bytes` are dropped before anything
   parses them (one oversized record would otherwise slow every peer's every read of the key).
 
@@ -32,7 +32,7 @@ from hivemind.dht.routing import DHTID
 from hivemind.dht.schema import BytesWithPublicKey, SchemaValidator
 from hivemind.dht.validation import DHTRecord, RecordValidatorBase
 from hivemind.p2p import PeerID
-from hivemind.utils import MAX_DHT_TIME_DISCREPANCY_SECONDS
+from hivemind.utils import MAX_DHT_TIME_DISCREPANCY_SECONDS, MSGPackSerializer
 from hivemind.utils.crypto import RSAPrivateKey
 from hivemind.utils.multiaddr import Multiaddr
 from pydantic.v1 import BaseModel, StrictFloat, conint, conlist, constr
@@ -65,11 +65,12 @@ class EpochDone(BaseModel):
 
 
 class PeerRecord(BaseModel):
-    """A peer's part of the shard division, rewritten whole at every change and lease renewal.
+    """A peer's part of one bucket of an epoch (key `bucket_key`), rewritten whole at every change there and
+    at every lease renewal while it holds claims there.
 
-    Its claims hold until `lease_until` (DHT time); the record itself lives for hours, so the shards a
-    peer finished still count after it is gone. One record per peer makes finishing a shard atomic:
-    it moves from `claims` to `done` in one write.
+    Its claims hold until `lease_until` (DHT time); a record with done shards lives for hours, so the
+    shards a peer finished still count after it is gone. One record per peer and bucket makes finishing
+    a shard atomic: it moves from `claims` to `done` in one write. (`complete` is unused: -1.)
     """
 
     peer: constr(strict=True, max_length=128)
@@ -81,14 +82,101 @@ class PeerRecord(BaseModel):
     done: conlist(EpochDone, max_items=16)
 
 
-class RunRecords(BaseModel):
-    """Key `<run_id>_shards`: one `PeerRecord` per peer, under the peer's `[owner:...]` subkey.
+class BucketMarks(BaseModel):
+    """The buckets of one epoch a peer found complete (every shard done), under key `<run_id>_shards_e<E>`."""
 
-    A record with every claim the schema allows and 40,000 finished shards fits in `max_record_bytes`.
+    peer: _PeerName
+    fp: constr(strict=True, max_length=32)
+    buckets: conlist(_Index, max_items=100_000)
+
+
+class EpochMark(BaseModel):
+    """The last epoch a peer found complete, under key `<run_id>_shards_epochs` (a joiner starts after it)."""
+
+    peer: _PeerName
+    fp: constr(strict=True, max_length=32)
+    complete: conint(strict=True, ge=-1)
+
+
+class RunRecords(BaseModel):
+    """Key `<run_id>_shards_epochs`: one `EpochMark` per peer that saw an epoch complete first, under its
+    `[owner:...]` subkey. The per-epoch keys (buckets and their marks) are checked by `ShardKeysValidator`."""
+
+    max_record_bytes: ClassVar[int] = 4 << 10
+    shards_epochs: dict[BytesWithPublicKey, EpochMark]
+
+
+def bucket_key(run_id: str, epoch: int, bucket: int) -> str:
+    """The key of one bucket of an epoch: the `PeerRecord`s of the peers that claim from it."""
+    return f"{run_id}_shards_e{epoch}_b{bucket}"
+
+
+def marks_key(run_id: str, epoch: int) -> str:
+    """The key of an epoch's `BucketMarks`."""
+    return f"{run_id}_shards_e{epoch}"
+
+
+class ShardKeysValidator(RecordValidatorBase):
+    """Checks the records under a run's per-epoch shard keys: a signed subkey, the right shape, a bounded size.
+
+    hivemind's `SchemaValidator` knows a fixed set of keys (it sees only their hashes), and a run has new
+    keys every epoch, so the assigner adds each epoch's keys (`add`) before it reads or writes them.
+    Records under keys not added yet pass (as hivemind's schema lets unknown keys pass); readers parse
+    what they get all the same.
     """
 
-    max_record_bytes: ClassVar[int] = 256 << 10
-    shards: dict[BytesWithPublicKey, PeerRecord]
+    MAX_BYTES: ClassVar[int] = 32 << 10
+    """A bucket's record lists at most a bucket of claims and done shards: far less than this."""
+
+    def __init__(self, run_id: str):
+        self._run_id = run_id
+        self._models: dict[bytes, type[BaseModel]] = {}
+        self._epochs: set[tuple[int, int]] = set()
+
+    def add(self, epochs: Iterable[int], buckets: int) -> None:
+        """Know the keys of `epochs` (each with `buckets` buckets)."""
+        for epoch in epochs:
+            if (epoch, buckets) in self._epochs:
+                continue
+            self._epochs.add((epoch, buckets))
+            self._models[DHTID.generate(source=marks_key(self._run_id, epoch)).to_bytes()] = BucketMarks
+            for bucket in range(buckets):
+                key = DHTID.generate(source=bucket_key(self._run_id, epoch, bucket)).to_bytes()
+                self._models[key] = PeerRecord
+
+    def validate(self, record: DHTRecord) -> bool:
+        model = self._models.get(record.key)
+        if model is None:
+            return True
+        if len(record.value) > self.MAX_BYTES or b"[owner:" not in (record.subkey or b""):
+            return False
+        try:
+            model.parse_obj(MSGPackSerializer.loads(record.value))
+        except Exception:
+            return False
+        return True
+
+    @property
+    def priority(self) -> int:
+        return 5  # after the signature check, which strips the signature
+
+    def merge_with(self, other: RecordValidatorBase) -> bool:
+        if not isinstance(other, ShardKeysValidator) or other._run_id != self._run_id:
+            return False
+        self._models.update(other._models)
+        self._epochs |= other._epochs
+        return True
+
+
+def add_epoch_keys(dht: hivemind.DHT, run_id: str, epochs: Iterable[int], buckets: int) -> None:
+    """Have `dht` check the records under the shard keys of `epochs` (`ShardKeysValidator`)."""
+    dht.run_coroutine(partial(_add_epoch_keys, run_id=run_id, epochs=tuple(epochs), buckets=buckets))
+
+
+async def _add_epoch_keys(_dht: hivemind.DHT, node, run_id: str, epochs, buckets: int) -> None:
+    validator = ShardKeysValidator(run_id)
+    validator.add(epochs, buckets)
+    node.protocol.record_validator.extend([validator])
 
 
 class SizeValidator(RecordValidatorBase):

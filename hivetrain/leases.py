@@ -3,8 +3,13 @@
 No DHT here: `parse_records` turns a DHT reply into `Lease` and `Done` records, a `Board` holds them as
 seen at one moment, and `current_epoch`, `choose` and `confirmed` decide; `position` is what a checkpoint
 keeps of the data, to resume a run that stopped whole. Every peer computes the same `shard_order` for an
-epoch, so they agree on the order without talking. `hivetrain.assign` does the DHT
-reads and writes around these functions; the monitor reads the same records through them.
+epoch, so they agree on the order without talking.
+
+So that a claim costs the same with 8 peers or 1,000, an epoch's order is cut into buckets of
+`BUCKET_SIZE` shards (`bucket_shards`), each with its own records: a claim round reads and writes one or
+two buckets (`plan_views` says which), never the whole run, and a bucket found with nothing to claim
+(`bucket_state`) is left alone until its claims may have lapsed. `hivetrain.assign` does the DHT reads and
+writes around these functions; the monitor and `bench/swarm_sim.py` run the same ones.
 """
 
 from __future__ import annotations
@@ -18,6 +23,9 @@ from .dht import PeerRecord
 
 WINDOW = 2
 """Epochs open at once: the oldest unfinished one and the next (so peers do not idle at an epoch's end)."""
+
+BUCKET_SIZE = 32
+"""Shards per bucket: a bucket's records (its readers' claims and done shards) are all a claim reads."""
 
 
 @dataclass(frozen=True)
@@ -196,6 +204,69 @@ class Position:
     done: Mapping[int, frozenset[int]]
 
 
+def bucket_count(n: int, size: int = BUCKET_SIZE) -> int:
+    """How many buckets an epoch of `n` shards has."""
+    return -(-n // size)
+
+
+def bucket_shards(order: Sequence[int], bucket: int, size: int = BUCKET_SIZE) -> Sequence[int]:
+    """The shards of `bucket`: a slice of the epoch's order, so a peer alone reads the order exactly."""
+    return order[bucket * size : (bucket + 1) * size]
+
+
+def bucket_state(
+    board: Board,
+    epoch: int,
+    shards: Collection[int],
+    *,
+    me: bytes = b"",
+    late_s: float | None = None,
+    skip: Collection[tuple[int, int]] = (),
+) -> str:
+    """What a bucket of `epoch` holding `shards` offers, as `board` shows it: "complete" (every shard
+    done), "open" (a free shard, or a straggler to back up), or "exhausted" (every shard done or held,
+    `skip` counted as held: nothing to claim until a claim lapses)."""
+    done, held = board.done(epoch), board.holders(epoch)
+    if all(i in done for i in shards):
+        return "complete"
+    if any(i not in done and i not in held and (epoch, i) not in skip for i in shards):
+        return "open"
+    if late_s is not None and set(stragglers(board, epoch, late_s, me=me, skip=skip)) & set(shards):
+        return "open"
+    return "exhausted"
+
+
+def plan_views(
+    epochs: Sequence[int],
+    count: int,
+    complete: Mapping[int, Collection[int]],
+    exhausted: Mapping[int, Mapping[int, float]],
+    *,
+    now: float,
+    recheck_s: float,
+    rng: random.Random,
+    spread: int | None = None,
+) -> list[tuple[int, int]]:
+    """The `(epoch, bucket)`s a claim round reads, in the order it claims from them.
+
+    The target is at random among the first `spread` buckets (None: all) of the oldest of the open
+    `epochs` with buckets neither `complete` nor `exhausted` (found with nothing to claim, at the time
+    given). Before it comes the bucket of the oldest epoch found exhausted longest ago, if over
+    `recheck_s` ago: a dead peer's claims lapse there, and one extra read per round finds them within
+    about a lease whatever the number of buckets. Empty: nothing to read until a recheck is due."""
+    views: list[tuple[int, int]] = []
+    for epoch in epochs:
+        done, seen = complete.get(epoch, ()), exhausted.get(epoch, {})
+        stale = sorted((t, b) for b, t in seen.items() if b not in done and now - t > recheck_s)
+        if stale and not views:
+            views.append((epoch, stale[0][1]))
+        fresh = [b for b in range(count) if b not in done and b not in seen]
+        if fresh:
+            views.append((epoch, rng.choice(fresh[: spread or len(fresh)])))
+            break
+    return views
+
+
 def position(board: Board) -> Position:
     """The run's data position on `board`: what a checkpoint records, to resume a stopped run from."""
     base = current_epoch(board)
@@ -211,13 +282,16 @@ def confirmed(board: Board, owner: bytes, epoch: int, index: int, *, backup: boo
 
 
 def parse_records(
-    value, *, n: int, fp: str, now: float
+    value, *, n: int, fp: str, now: float, within: Callable[[int, int], bool] | None = None
 ) -> tuple[list[Lease], list[Done], list[tuple[bytes, float]]]:
-    """Leases and done records from a DHT `get` of the run's key, and the `(subkey, expiration)` of
-    records that make no sense (another shard list, an index out of range, a claim from the future)."""
+    """Leases and done records from a DHT `get` of a bucket's key, and the `(subkey, expiration)` of
+    records that make no sense (another shard list, an index out of range or, when `within(epoch, index)`
+    is given, outside the bucket read, a claim from the future)."""
     leases, dones, bad = [], [], []
     entries = value.value.items() if value is not None and isinstance(value.value, dict) else ()
     for owner, item in entries:
+        if not isinstance(owner, bytes) or b"[owner:" not in owner:
+            continue  # unsigned: no peer's record (the DHT's validators drop these, but not every node has them)
         try:
             record = PeerRecord.parse_obj(item.value)
             claims = tuple((c.e, c.i, c.t) for c in record.claims)
@@ -228,6 +302,11 @@ def parse_records(
                 i >= n for s in shards.values() for i in s
             ):
                 raise ValueError("a shard index out of range or a claim from the future")
+            if within is not None and not all(
+                within(e, i)
+                for e, i in [*((e, i) for e, i, _ in claims), *((e, i) for e, s in shards.items() for i in s)]
+            ):
+                raise ValueError("a shard of another bucket")
             leases.append(Lease(owner, record.peer, record.lease_until, claims, record.time))
             dones.append(Done(owner, record.peer, record.complete, shards))
         except Exception:

@@ -26,7 +26,14 @@ from hivemind.utils import get_dht_time
 from hivemind.utils.crypto import RSAPrivateKey
 
 from hivetrain.assign import LeaseTiming, ShardAssigner
-from hivetrain.dht import ensure_run_validators, make_dht, signing_key, visible_addresses
+from hivetrain.dht import (
+    add_epoch_keys,
+    bucket_key,
+    ensure_run_validators,
+    make_dht,
+    signing_key,
+    visible_addresses,
+)
 from hivetrain.leases import Position, shard_list_fingerprint, shard_order
 from tests.util import REPO, loopback_dhts, wait_until
 
@@ -109,6 +116,7 @@ def run_id(request, swarm):
     run = f"t{os.getpid()}_{request.node.name}"
     for dht in swarm:
         ensure_run_validators(dht, run)
+        add_epoch_keys(dht, run, range(4), buckets=1)  # each test's epochs have one bucket
     return run
 
 
@@ -127,17 +135,19 @@ def peer(run_id, tmp_path):
         assigner.close()
 
 
-def test_a_peer_publishes_nothing_until_started(swarm, run_id):
-    key = f"{run_id}_shards"
+def test_a_peer_publishes_nothing_until_it_claims(swarm, run_id):
+    key = bucket_key(run_id, 0, 0)  # four shards: one bucket
     assigner = ShardAssigner(names(4), dht=swarm[0], run_id=run_id, timing=FAST)
     try:
-        assert swarm[1].get(key, latest=True) is None
         assigner.start()
+        assert swarm[1].get(key, latest=True) is None
+        claim = assigner.next_claim(timeout=10)
         record = wait_until(
             lambda: (v := swarm[1].get(key, latest=True)) and v.value.get(signing_key(swarm[0])),
-            what="the started peer's record",
+            what="the claiming peer's record",
         )
-        assert record.value["peer"] == assigner.peer_id and record.value["claims"] == []
+        assert record.value["peer"] == assigner.peer_id
+        assert [names(4)[c["i"]] for c in record.value["claims"]] == [claim.shard]
     finally:
         assigner.close()
 
@@ -302,7 +312,7 @@ def test_a_far_slower_peer_does_not_hold_up_the_end_of_an_epoch(swarm, run_id, p
 
 
 def test_hostile_peer_cannot_erase_forge_or_crash(swarm, run_id, peer, tmp_path):
-    shards, key = names(16), f"{run_id}_shards"
+    shards, key = names(16), bucket_key(run_id, 0, 0)
     honest = [peer(d, str(k), shards=shards, max_epochs=1) for k, d in enumerate(swarm[:2])]
     held = {a.next_claim(timeout=10): a for a in honest for _ in range(2)}
     victim = signing_key(swarm[0])
@@ -325,7 +335,9 @@ def test_hostile_peer_cannot_erase_forge_or_crash(swarm, run_id, peer, tmp_path)
             state = a.epoch_state()
             for claim, owner in held.items():
                 assert state[claim.shard] == {"state": "claimed", "holder": owner.peer_id}
-            assert a.malformed == 1  # the signed nonsense; the rest never got past the DHT's validators
+            assert a.malformed == 1, (
+                a._observer._malformed
+            )  # the signed nonsense; the rest never got past the DHT's validators
         for claim, owner in held.items():
             owner.complete(claim, samples=1)
         in_threads(*(lambda a=a: consume(a, 0.02) for a in honest))
@@ -341,7 +353,7 @@ def test_a_peer_whose_clock_is_ahead_is_reported(swarm, run_id, peer, caplog):
     now = get_dht_time()
     ahead = dict(peer="ahead", fp=shard_list_fingerprint(shards), time=now + 10, lease_until=now + 15)
     ahead.update(claims=[], complete=-1, done=[])
-    assert swarm[1].store(f"{run_id}_shards", ahead, now + 60, subkey=signing_key(swarm[1]))
+    assert swarm[1].store(bucket_key(run_id, 0, 0), ahead, now + 60, subkey=signing_key(swarm[1]))
     assigner.epoch_state()
     assert re.search(
         r"peer ahead wrote its record \+(9|10)\.\d s from our clock: synchronize clocks", caplog.text

@@ -14,6 +14,8 @@ from hivemind.utils.crypto import RSAPrivateKey
 
 from hivetrain.dht import (
     Rejoiner,
+    add_epoch_keys,
+    bucket_key,
     clock_offset,
     ensure_run_validators,
     make_dht,
@@ -24,6 +26,7 @@ from hivetrain.errors import PeerError
 from tests.util import wait_until
 
 RUN = "dhttest"
+KEY = bucket_key(RUN, 0, 0)
 
 
 @pytest.fixture(scope="module")
@@ -41,15 +44,17 @@ def record(peer="p", claims=()):
 def test_peers_join_and_only_owners_write_their_records(first):
     second = make_dht(run_id=RUN, private_key=RSAPrivateKey(), initial_peers=visible_addresses(first))
     try:
+        for dht in (first, second):  # what a peer's shard assigner does for each epoch it reaches
+            add_epoch_keys(dht, RUN, [0], buckets=1)
         mine, theirs = signing_key(first), signing_key(second)
         assert mine.startswith(b"[owner:ssh-rsa ") and mine != theirs
         expiration = get_dht_time() + 30
-        assert first.store(f"{RUN}_shards", record(claims=[dict(e=0, i=1, t=1.5)]), expiration, subkey=mine)
+        assert first.store(KEY, record(claims=[dict(e=0, i=1, t=1.5)]), expiration, subkey=mine)
         # the other peer's subkey: the signature check refuses it on every node
-        assert not first.store(f"{RUN}_shards", record("forged"), expiration + 1, subkey=theirs)
+        assert not first.store(KEY, record("forged"), expiration + 1, subkey=theirs)
         # the right owner but the wrong shape (an int where the schema wants a float): refused
-        assert not first.store(f"{RUN}_shards", dict(record(), time=1), expiration + 1, subkey=mine)
-        seen = second.get(f"{RUN}_shards", latest=True).value
+        assert not first.store(KEY, dict(record(), time=1), expiration + 1, subkey=mine)
+        seen = second.get(KEY, latest=True).value
         assert list(seen) == [mine] and seen[mine].value["claims"] == [dict(e=0, i=1, t=1.5)]
     finally:
         second.shutdown()
@@ -76,13 +81,13 @@ def test_rejoiner_finds_initial_peers_again_after_both_forgot_each_other():
     try:
         assert second.run_coroutine(_forget_everyone) >= 1 and first.run_coroutine(_forget_everyone) >= 1
         key = signing_key(first)
-        assert first.store(f"{RUN}_shards", record("after-the-cut"), get_dht_time() + 30, subkey=key)
-        assert second.get(f"{RUN}_shards", latest=True) is None  # the halves no longer find each other
+        assert first.store(KEY, record("after-the-cut"), get_dht_time() + 30, subkey=key)
+        assert second.get(KEY, latest=True) is None  # the halves no longer find each other
         rejoiner.start()
         wait_until(lambda: rejoiner.rejoined >= 1, timeout=20, what="the rejoin")
         assert second.run_coroutine(partial(_knows, peer_id=first.peer_id))
         assert first.run_coroutine(partial(_knows, peer_id=second.peer_id))  # the ping put it back there too
-        seen = second.get(f"{RUN}_shards", latest=True).value
+        seen = second.get(KEY, latest=True).value
         assert seen[key].value["peer"] == "after-the-cut"
         rejoined = rejoiner.rejoined
         time.sleep(1.0)
@@ -99,8 +104,13 @@ def test_validators_are_added_to_a_plain_dht():
         key = ensure_run_validators(plain, RUN)
         assert key == signing_key(plain) and key.startswith(b"[owner:")
         assert ensure_run_validators(plain, RUN) == key  # idempotent
-        assert plain.store(f"{RUN}_shards", record(), get_dht_time() + 30, subkey=key)
-        assert not plain.store(f"{RUN}_shards", {"claims": "all"}, get_dht_time() + 31, subkey=key)
+        mark, marks = dict(peer="p", fp="f", complete=3), f"{RUN}_shards_epochs"
+        assert plain.store(marks, mark, get_dht_time() + 30, subkey=key)
+        assert not plain.store(marks, dict(mark, complete="all"), get_dht_time() + 31, subkey=key)
+        add_epoch_keys(plain, RUN, [0], buckets=1)
+        assert plain.store(KEY, record(), get_dht_time() + 30, subkey=key)
+        assert not plain.store(KEY, {"claims": "all"}, get_dht_time() + 31, subkey=key)
+        assert not plain.store(KEY, record(), get_dht_time() + 32, subkey=b"no owner")
     finally:
         plain.shutdown()
 

@@ -1,7 +1,8 @@
 """`ShardAssigner`: this peer's side of the claim protocol, and what the rest of hivetrain calls.
 
-A claim round publishes this peer's picks, waits for them to settle, re-reads the board and keeps the
-claims that `hivetrain.leases.confirmed` says stand; the renewal thread rewrites the record every
+A claim round reads one or two buckets of the open epochs (`hivetrain.leases.plan_views`), publishes this
+peer's picks there, waits for them to settle, re-reads those buckets and keeps the claims that
+`hivetrain.leases.confirmed` says stand; the renewal thread rewrites the records holding claims every
 `lease_s / 3`, and soon after a change. The DHT sits behind a `RecordStore`, the peer's own claims and
 finished shards in `Holdings`, and what is noticed and logged about the run in `BoardObserver`.
 """
@@ -15,7 +16,7 @@ import random
 import threading
 import time
 from collections import deque
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -23,15 +24,20 @@ import hivemind
 from hivemind.utils import get_dht_time
 
 from ..leases import (
+    BUCKET_SIZE,
     WINDOW,
     Board,
     Done,
     Lease,
     Position,
+    bucket_count,
+    bucket_shards,
+    bucket_state,
     choose,
     confirmed,
     current_epoch,
     late_after,
+    plan_views,
     shard_order,
     shard_states,
 )
@@ -39,7 +45,7 @@ from ..leases import position as position_of
 from ..metrics import JsonLines
 from .holdings import Claim, Holdings
 from .observer import BoardObserver
-from .store import Records, RecordStore, SingleKeyStore
+from .store import BucketStore, Progress, Records, RecordStore, View
 
 logger = logging.getLogger(__name__)
 
@@ -54,6 +60,9 @@ class LeaseTiming:
         poll_s: re-read interval while every shard is in flight elsewhere.
         done_ttl_s: how long a peer's record outlives its last write (must outlast the longest epoch).
         request_timeout_s: a DHT call slower than this counts as the DHT being unreachable.
+        recheck_s: a bucket found with nothing to claim is read again after this long (None: a third of
+            the lease), one such bucket per claim round: a dead peer's claims are found within about
+            `lease_s + recheck_s`.
         max_hold_s: a claim that another peer has held for this long, as timed here, without finishing its
             shard counts as abandoned, and others may read the shard too. A renewed lease alone proves
             nothing: a peer whose loader hangs while its renewal thread lives, or a hostile one that
@@ -65,6 +74,7 @@ class LeaseTiming:
     poll_s: float = 1.0
     done_ttl_s: float = 6 * 3600.0
     request_timeout_s: float = 10.0
+    recheck_s: float | None = None
     max_hold_s: float = 1800.0
 
 
@@ -93,6 +103,9 @@ class ShardAssigner:
             that should claim several per round (its prefetch depth), or it reads no faster than it claims.
         timing: settle, poll and expiry times (`LeaseTiming`).
         rng: this peer's choice among free shards (default: seeded from os.urandom).
+        bucket_size: shards per bucket (`hivetrain.leases.BUCKET_SIZE`); the same on every peer of the run.
+        store: makes the store of this peer's records over `dht` (default `BucketStore`), given its
+            arguments; `bench/swarm_sim.py` gives one over a simulated DHT.
         resume: the data position a checkpoint recorded (`position()` when it was taken). It stands when
             the run has no records left in the DHT (every peer stopped): the shards it counts as done are
             not read again in its epoch. A live run's own position stands over it.
@@ -112,31 +125,45 @@ class ShardAssigner:
         timing: LeaseTiming = LeaseTiming(),
         rng: random.Random | None = None,
         resume: Position | None = None,
+        bucket_size: int = BUCKET_SIZE,
+        store: Callable[..., RecordStore] = BucketStore,
     ):
         if not shards:
             raise ValueError("no shards to assign")
         if len(set(shards)) != len(shards):
             raise ValueError("shard names must be unique")
-        if lease_s <= 0 or batch < 1:
-            raise ValueError(f"lease_s must be positive and batch at least 1, got {lease_s} and {batch}")
+        if lease_s <= 0 or batch < 1 or bucket_size < 1:
+            raise ValueError(
+                f"lease_s must be positive, batch and bucket_size at least 1, got {lease_s}, {batch}, {bucket_size}"
+            )
         self._shards, self._run_id, self._max_epochs = list(shards), run_id, max_epochs
         self._lease_s, self._timing, self._batch = lease_s, timing, batch
         self.claim_rounds_s: deque[float] = deque(maxlen=8)  # recent claim rounds (read, claim, confirm)
         self._rng = rng or random.Random(os.urandom(8))
         order = functools.partial(shard_order, run_id, seed, n=len(self._shards))
         self._order = functools.lru_cache(maxsize=WINDOW + 1)(order)  # epoch -> the order every peer computes
+        positions = lambda epoch: {index: k for k, index in enumerate(self._order(epoch))}  # noqa: E731
+        self._positions = functools.lru_cache(maxsize=WINDOW + 2)(positions)  # epoch -> shard -> place
+        self._size, self._count = bucket_size, bucket_count(len(self._shards), bucket_size)
+        self._recheck_s = lease_s / 3 if timing.recheck_s is None else timing.recheck_s
+        self._complete: dict[int, set[int]] = {}  # per epoch: buckets known complete
+        self._exhausted: dict[int, dict[int, float]] = {}  # per epoch: bucket -> when found with nothing free
+        self._unchecked: set[View] = set()  # buckets where this peer finished a shard since they were read
+        self._marks = Progress()  # as last read from the DHT
         self._store: RecordStore | None = None
         if dht is not None:
-            self._store = SingleKeyStore(
+            self._store = store(
                 dht,
                 run_id=run_id,
                 shards=self._shards,
+                bucket_of=self._bucket_of,
+                buckets=self._count,
                 ttl_s=timing.done_ttl_s,
                 timeout_s=timing.request_timeout_s,
             )
         self._owner = b"[local]"  # the store's key once started
         self._holdings = Holdings(self._shards)
-        self._observer = BoardObserver(run_id, self._shards, max_hold_s=timing.max_hold_s)
+        self._observer = BoardObserver(run_id, self._shards, max_hold_s=timing.max_hold_s, remember_s=lease_s)
         self._lock = threading.Lock()  # guards the holdings and the observer
         self._claim_lock = threading.Lock()  # one claim round at a time
         self._closed, self._wake = threading.Event(), threading.Event()
@@ -162,8 +189,8 @@ class ShardAssigner:
             self._owner = self._store.open()
         if self._log_path is not None:
             self._log = JsonLines(self._log_path)
-        self._take_position()
-        self._read(max_age=float("inf"))  # the records `_take_position` just read
+        views = self._take_position()
+        self._read(views, max_age=float("inf"))  # the records `_take_position` just read
         if self._store is not None:
             self._publish()
             self._thread = threading.Thread(
@@ -172,32 +199,45 @@ class ShardAssigner:
             self._thread.start()
         return self
 
-    def _take_position(self) -> None:
-        """Start where the run's data stands: this peer's own record from before a restart counts as its
-        own work, and when the DHT holds no record of the run at all (every peer stopped), the checkpoint's
-        position stands in for the run's."""
-        records = Records() if self._store is None else self._store.read()
+    def _take_position(self) -> list[View]:
+        """Start where the run's data stands: after the last epoch marked complete, with this peer's own
+        records from before a restart counted as its own work; when the DHT holds no record of the run
+        at all (every peer stopped), the checkpoint's position stands in for the run's. Reads every
+        bucket of the open epochs once (a join costs as much as a few claim rounds); returns them."""
+        views: list[View] = []
+        if self._store is not None:
+            self._marks = self._store.progress([], max_age=0.0)
+            floor = self._marks.floor
+            self._marks = self._store.progress(range(floor + 1, floor + 1 + WINDOW))
+            views = [
+                (e, b) for e in range(floor + 1, floor + 1 + WINDOW)
+                for b in range(self._count) if b not in self._marks.complete.get(e, ())
+            ]  # fmt: skip
+        records = Records() if self._store is None else self._store.read(views)
         with self._lock:
+            self._floor = max(self._floor, self._marks.floor)
             for record in records.dones:
                 if record.owner == self._owner:
                     self._holdings.adopt(record.shards)
-                    self._floor = max(self._floor, record.complete)
             if self._resume is None:
-                return
+                return views
             peers = {x.owner for x in (*records.leases, *records.dones)}
-            if peers:
+            if peers or self._marks.floor >= 0 or any(self._marks.complete.values()):
                 logger.info(
                     "run %s: %d peer(s) of the run have records: the run's data position stands, not the "
                     "checkpoint's", self._run_id, len(peers),
                 )  # fmt: skip
-                return
+                return views
             self._holdings.adopt(self._resume.done)
             self._floor = max(self._floor, self._resume.epoch - 1)
+        if self._store is not None and self._resume.epoch > 0:  # peers joining now start from there too
+            self._store.mark(self._resume.epoch - 1, (), epoch_complete=True)
         logger.info(
             "run %s: no peer of the run is left: resuming the data where the checkpoint has it, epoch %d "
             "with %d of %d shards done", self._run_id, self._resume.epoch,
             len(self._resume.done.get(self._resume.epoch, ())), len(self._shards),
         )  # fmt: skip
+        return views
 
     # ---- public API -------------------------------------------------------------------------------
 
@@ -226,7 +266,7 @@ class ShardAssigner:
         epochs, from a board at most `lease_s / 3` old (this peer's own shards as of now). Shards that
         others finished since the board was read are read again after a restart, never skipped."""
         self._check_started()
-        return position_of(self._read(max_age=self._lease_s / 3))
+        return position_of(self._read_epochs(self._open_epochs(), max_age=self._lease_s / 3))
 
     def held(self) -> list[Claim]:
         """The claims this peer holds and has not completed or released."""
@@ -251,7 +291,19 @@ class ShardAssigner:
                 if claim is not None:
                     return claim
                 started = time.monotonic()
-                board = self._read(max_age=self._timing.settle_s)  # the last round's confirmation will do
+                with self._lock:
+                    views = self._plan()
+                if not views:  # every bucket of the open epochs complete or found exhausted lately
+                    board = self._read([], max_age=self._timing.poll_s)  # marks: has the epoch ended?
+                    if (
+                        choose(board, self._order, rng=self._rng, max_epochs=self._max_epochs).kind
+                        == "finished"
+                    ):
+                        return None
+                    if self._wait(deadline):
+                        return None
+                    continue
+                board = self._read(views, max_age=self._timing.settle_s)  # the last round's will do
                 spread = 1 if self.single_peer else 2 * len(board.live_peers())  # alone: the exact order
                 picks: list[tuple[int, int]] = []
                 backups: set[tuple[int, int]] = set()
@@ -262,20 +314,21 @@ class ShardAssigner:
                 kw = dict(rng=self._rng, spread=spread, max_epochs=self._max_epochs, skip=picks, me=self._owner,
                           late_s=late_s)  # fmt: skip
                 most = max(1, batch or self._batch)
-                while len(picks) < most and (step := choose(board, self._order, **kw)).kind == "claim":
+                order = functools.partial(self._view_order, views)
+                while len(picks) < most and (step := choose(board, order, **kw)).kind == "claim":
                     picks.append((step.epoch, step.index))
                     if step.backup:
                         backups.add(picks[-1])
+                with self._lock:
+                    found = self._note_views(board, views, picks, late_s)
                 if picks:
-                    self._claim_round(picks, backups)
+                    self._claim_round(picks, backups, views)
                     self.claim_rounds_s.append(time.monotonic() - started)
                     continue
                 if step.kind == "finished":
                     return None
-                left = None if deadline is None else deadline - time.monotonic()
-                if left is not None and left <= 0:
+                if not found and self._wait(deadline):  # nothing new learned: wait before reading again
                     return None
-                self._closed.wait(self._timing.poll_s if left is None else min(self._timing.poll_s, left))
             return None
         finally:
             self._claim_lock.release()
@@ -299,7 +352,16 @@ class ShardAssigner:
             self._log.write(dict(line, peer=self.peer_id, **({"backup": True} if held.backup else {})))
         with self._lock:  # published with the next claim round, or by the renewal thread soon after
             self._holdings.touch()
+            self._unchecked.add((claim.epoch, self._bucket_of(claim.epoch, held.index)))
         self._wake.set()
+
+    def _wait(self, deadline: float | None) -> bool:
+        """Wait a poll interval (less if `deadline` is nearer); whether to give up (closed, or timed out)."""
+        left = None if deadline is None else deadline - time.monotonic()
+        if left is not None and left <= 0:
+            return True
+        self._closed.wait(self._timing.poll_s if left is None else min(self._timing.poll_s, left))
+        return self._closed.is_set()
 
     def finished_elsewhere(self, claim: Claim) -> bool:
         """Whether the last board read shows `claim`'s shard finished by another peer (a backup reader
@@ -312,6 +374,9 @@ class ShardAssigner:
         """Give an unfinished shard back at once, for others (or this peer) to read."""
         with self._lock:
             released = self._holdings.release(claim)
+            if released:  # its bucket offers a shard again
+                bucket = self._bucket_of(claim.epoch, self._shards.index(claim.shard))
+                self._exhausted.get(claim.epoch, {}).pop(bucket, None)
         if released:
             self._wake.set()
 
@@ -319,9 +384,8 @@ class ShardAssigner:
         """Per shard of `epoch` (default: the current one): `state` (done, claimed, backup: claimed by a
         straggler's second reader too, or free) and `holder` peer id."""
         self._check_started()
-        board = self._read()
-        epoch = current_epoch(board) if epoch is None else epoch
-        states = shard_states(board, epoch)
+        epoch = current_epoch(self._read([])) if epoch is None else epoch
+        states = shard_states(self._read_epochs([epoch]), epoch)
         return {name: {"state": s, "holder": h} for name, (s, h) in zip(self._shards, states, strict=True)}
 
     def close(self) -> None:
@@ -353,9 +417,11 @@ class ShardAssigner:
                 "call ShardAssigner.start() first: it joins the run (reads the DHT, publishes)"
             )
 
-    def _claim_round(self, picks: list[tuple[int, int]], backups: set[tuple[int, int]] = frozenset()) -> None:
-        """Publish claims on `picks` (`backups`: second readings of stragglers), re-read after the settle
-        time, keep in reserve those that stand."""
+    def _claim_round(
+        self, picks: list[tuple[int, int]], backups: set[tuple[int, int]], views: list[View]
+    ) -> None:
+        """Publish claims on `picks` (`backups`: second readings of stragglers) in the buckets `views`,
+        re-read them after the settle time, keep in reserve the claims that stand."""
         with self._lock:
             if self._closed.is_set():
                 return
@@ -366,7 +432,7 @@ class ShardAssigner:
         self._publish()
         if self._closed.wait(max(self._timing.settle_s, 2 * self._store.store_s)):
             return  # close() gives the claims back
-        board = self._read()
+        board = self._read(views)
         lost = [pick for pick in picks if not confirmed(board, self._owner, *pick, backup=pick in backups)]
         if kept := len(backups - set(lost)):
             logger.info(
@@ -381,22 +447,112 @@ class ShardAssigner:
             logger.debug("other peers claimed %d shard(s) first", len(lost))
             self._publish()
 
-    def _read(self, max_age: float = 0.0) -> Board:
-        """Every peer's records (from the DHT unless the last read is under `max_age` s old), with this
-        peer's own state as it is in memory; what changed is logged."""
-        records = Records() if self._store is None else self._store.read(max_age=max_age)
+    def _bucket_of(self, epoch: int, index: int) -> int:
+        return self._positions(epoch)[index] // self._size
+
+    def _view_order(self, views: Sequence[View], epoch: int) -> list[int]:
+        """The shards of `epoch` in `views`, bucket after bucket, each in the epoch's order."""
+        return [i for e, b in views if e == epoch for i in bucket_shards(self._order(e), b, self._size)]
+
+    def _open_epochs(self) -> list[int]:
+        base = max(self._observer.epoch, self._floor + 1, 0)
+        return [e for e in range(base, base + WINDOW) if self._max_epochs is None or e < self._max_epochs]
+
+    def _plan(self) -> list[View]:
+        """The buckets the next claim round reads (called with `_lock` held)."""
+        return plan_views(
+            self._open_epochs(), self._count, self._complete, self._exhausted, now=time.monotonic(),
+            recheck_s=self._recheck_s, rng=self._rng, spread=1 if self.single_peer else None,
+        )  # fmt: skip
+
+    def _note_views(
+        self, board: Board, views: Sequence[View], picks: Sequence[tuple[int, int]], late_s: float | None
+    ) -> tuple[bool, dict[int, list[int]]]:
+        """Note what each bucket read offers (`bucket_state`); returns whether any is newly complete or
+        newly found exhausted, and the buckets newly complete (called with `_lock` held)."""
+        base, now, found, newly = current_epoch(board), time.monotonic(), False, {}
+        for e, b in views:
+            shards = bucket_shards(self._order(e), b, self._size)
+            state = bucket_state(
+                board, e, shards, me=self._owner, late_s=late_s if e == base else None, skip=picks
+            )
+            exhausted = self._exhausted.setdefault(e, {})
+            if state == "complete":
+                if b not in self._complete.setdefault(e, set()):
+                    found = True
+                    newly.setdefault(e, []).append(b)
+                    self._complete[e].add(b)
+                exhausted.pop(b, None)
+            elif state == "exhausted":
+                found = found or b not in exhausted
+                exhausted[b] = now
+            else:
+                exhausted.pop(b, None)
+        return found, newly
+
+    def _mark(self, newly: dict[int, list[int]]) -> None:
+        """Publish the buckets newly found complete, and an epoch whose buckets all are."""
+        for epoch, buckets in newly.items():
+            with self._lock:
+                whole = len(self._complete.get(epoch, ())) >= self._count
+                if whole:
+                    self._floor = max(self._floor, epoch)
+            if self._store is not None:
+                self._store.mark(epoch, buckets, epoch_complete=whole and self._marks.floor < epoch)
+
+    def _check_finished(self) -> None:
+        """Re-read the buckets where this peer finished shards since: mark those now complete."""
         with self._lock:
+            views, self._unchecked = sorted(self._unchecked), set()
+        if views:
+            board = self._read(views)
+            with self._lock:
+                _, newly = self._note_views(board, views, (), None)
+            self._mark(newly)
+
+    def _read_epochs(self, epochs: Sequence[int], max_age: float = 0.0) -> Board:
+        """A board of every bucket of `epochs` not known complete (for checkpoints and the epoch's grid)."""
+        self._read([], max_age=max_age)  # the marks first
+        with self._lock:
+            views = [(e, b) for e in epochs for b in range(self._count) if b not in self._complete.get(e, ())]
+        return self._read(views, max_age=max_age)
+
+    def _read(self, views: Sequence[View], max_age: float = 0.0) -> Board:
+        """The records of the buckets `views` (from the DHT unless read under `max_age` s ago) and the
+        run's marks (under `lease_s / 3` old), with this peer's own state as it is in memory; what changed
+        is logged. Shards of buckets marked complete count as done."""
+        records = Records()
+        if self._store is not None:
+            records = self._store.read(views, max_age=max_age)
+            marks = self._store.progress(self._open_epochs(), max_age=max(max_age, self._lease_s / 3))
+        with self._lock:
+            if self._store is not None:
+                self._marks = marks
+                self._floor = max(self._floor, marks.floor)
+                for e, buckets in marks.complete.items():
+                    self._complete.setdefault(e, set()).update(buckets)
             others = [self._observer.unabandoned(x) for x in records.leases if x.owner != self._owner]
             lease, done = self._mine(float("inf"))
+            marked = {
+                e: frozenset(i for b in buckets for i in bucket_shards(self._order(e), b, self._size))
+                for e, buckets in self._complete.items() if e > self._floor
+            }  # fmt: skip
             board = Board(
                 len(self._shards),
                 get_dht_time(),
                 (*others, lease),
-                (*(x for x in records.dones if x.owner != self._owner), done),
+                (
+                    *(x for x in records.dones if x.owner != self._owner),
+                    done,
+                    Done(b"", "", self._floor, marked),
+                ),
             )
             reachable = None if self._store is None else self._store.reachable
             epoch = self._observer.see(board, records, owner=self._owner, reachable=reachable)
             self._holdings.forget_before(epoch - 1)  # epochs before the previous one are settled
+            for old in [e for e in (*self._complete, *self._exhausted) if e < epoch - 1]:
+                self._complete.pop(old, None)
+                self._exhausted.pop(old, None)
             self._board = board
         return board
 
@@ -409,8 +565,11 @@ class ShardAssigner:
     # ---- publishing -------------------------------------------------------------------------------
 
     def _publish(self, *, leaving: bool = False) -> None:
-        """Write this peer's whole record: claims renewed for `lease_s` (none when leaving), done shards."""
+        """Write this peer's records: claims renewed for `lease_s` (none when leaving), done shards; then
+        check the buckets where it finished shards."""
         self._store.write(functools.partial(self._record, leaving=leaving))
+        if not leaving:
+            self._check_finished()
 
     def _record(self, now: float, *, leaving: bool) -> tuple[Lease, Done]:
         """This peer's record as of DHT time `now`, noted as written."""

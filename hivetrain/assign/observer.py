@@ -27,10 +27,14 @@ class BoardObserver:
         run_id: the run's name, for the log.
         shards: the split's shard names (index -> name), for the log.
         max_hold_s: how long another peer may hold a claim without finishing its shard.
+        remember_s: another peer seen live counts as visible for this long (a board shows the buckets
+            read, not every peer).
     """
 
-    def __init__(self, run_id: str, shards: Sequence[str], *, max_hold_s: float):
+    def __init__(self, run_id: str, shards: Sequence[str], *, max_hold_s: float, remember_s: float = 0.0):
         self._run_id, self._shards, self._max_hold_s = run_id, shards, max_hold_s
+        self._remember_s = remember_s
+        self._seen: dict[bytes, float] = {}  # other peers seen live -> when (monotonic)
         self.epoch = -1
         """The run's current epoch (the oldest not complete) as last seen; -1 before the first board."""
         self.alone: bool | None = None
@@ -68,9 +72,12 @@ class BoardObserver:
         """Take in a board built from `records` (this peer: `owner`; `reachable`: None without a DHT) and
         log what changed; returns the current epoch."""
         self._note_malformed(records.malformed)
-        self._note_finished(board)
+        self._note_finished(records)
         self._note_epoch(current_epoch(board))
-        self._note_alone(len(board.live_peers()) - 1, reachable)
+        now = time.monotonic()
+        self._seen.update((peer, now) for peer in board.live_peers() if peer != owner)
+        self._seen = {peer: t for peer, t in self._seen.items() if now - t <= self._remember_s}
+        self._note_alone(len(self._seen), reachable)
         for lease in records.leases:
             if lease.owner not in self._skewed and lease.owner != owner and lease.expires > board.now:
                 self._note_clock(lease, board.now)
@@ -82,10 +89,10 @@ class BoardObserver:
             self._malformed |= new
             logger.warning("run %s: ignored %d malformed record(s) from other peers", self._run_id, len(new))
 
-    def _note_finished(self, board: Board) -> None:
-        """Time the claims of others that are done now (a claim may outlive its shard's completion: a
-        straggler's, whose backup reader finished first; it is timed once)."""
-        now, done = time.monotonic(), {}
+    def _note_finished(self, records: Records) -> None:
+        """Time the claims of others that their records show done now (a claim may outlive its shard's
+        completion: a straggler's, whose backup reader finished first; it is timed once)."""
+        now, done, board = time.monotonic(), {}, Board(len(self._shards), 0.0, (), records.dones)
         for key, seen in self._first_seen.items():
             _, e, i = key
             if (

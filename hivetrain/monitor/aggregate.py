@@ -1,8 +1,8 @@
 """The run as the DHT shows it: peers' metrics records, the current epoch's shards, a bounded history.
 
-`RunMonitor` polls two keys of the run every `poll_s` from a background thread: `<run_id>_metrics`
-(one `MetricsRecord` per peer) and `<run_id>_shards` (the shard leases and done lists of
-`hivetrain.assign`), and turns them into one JSON-ready snapshot (`state()`) for the web page, the
+`RunMonitor` polls the run's keys every `poll_s` from a background thread: `<run_id>_metrics` (one
+`MetricsRecord` per peer) and the shard keys of `hivetrain.assign` (the last epoch marked complete, and
+every bucket of the two epochs after it: leases and done lists), and turns them into one JSON-ready snapshot (`state()`) for the web page, the
 Prometheus exporter and TensorBoard. It only reads.
 
 Peers are keyed by their signing key (the record's `[owner:...]` subkey). A peer is `live` while its
@@ -27,7 +27,17 @@ from typing import Any
 import hivemind
 from hivemind.utils import get_dht_time
 
-from ..leases import Board, current_epoch, parse_records, shard_list_fingerprint, shard_states
+from ..dht import bucket_key
+from ..leases import (
+    WINDOW,
+    Board,
+    Done,
+    bucket_count,
+    current_epoch,
+    parse_records,
+    shard_list_fingerprint,
+    shard_states,
+)
 from ..metrics import MAX_RECORD_BYTES, MEASURES, MetricsRecord, metrics_key
 from . import refusals
 
@@ -148,17 +158,19 @@ class RunMonitor:
     def poll(self) -> dict[str, Any]:
         """Read the DHT now and rebuild the snapshot (the background thread calls this every `poll_s`)."""
         now = get_dht_time()
-        metrics, shards, error = self._get(metrics_key(self.run_id)), None, None
+        metrics, error = self._get(metrics_key(self.run_id)), None
         if isinstance(metrics, Exception):
             metrics, error = None, metrics
         else:
             self._take_metrics(metrics, now)
-            shards = self._get(f"{self.run_id}_shards")
-            if isinstance(shards, Exception):
-                shards, error = None, shards
-        self._set_error(error)
         peers = self._peer_rows(now)
-        epoch = self._epoch(shards, now, peers) if error is None else self.state().get("epoch")
+        epoch = None
+        if error is None:
+            epoch = self._epoch(now, peers)
+            if isinstance(epoch, Exception):
+                epoch, error = None, epoch
+        self._set_error(error)
+        epoch = self.state().get("epoch") if error is not None else epoch
         totals = self._totals(peers, epoch)
         point = dict(t=now, **{key: totals.get(key) for key in HISTORY_FIELDS})
         self._history.append(point)
@@ -285,20 +297,36 @@ class RunMonitor:
             return shard_list_fingerprint(self._default_names), len(self._default_names), self._default_names
         return None
 
-    def _epoch(self, value, now: float, peers: list[dict[str, Any]]) -> dict[str, Any] | None:
+    def _epoch(self, now: float, peers: list[dict[str, Any]]) -> dict[str, Any] | Exception | None:
         """The current epoch's shards: state (done, claimed, backup: claimed by a second reader as a
-        straggler, free) and holder of each, in manifest order."""
+        straggler, free) and holder of each, in manifest order (an Exception: the DHT did not answer)."""
         shard_list = self._shard_list(peers)
         if shard_list is None:
             return None
         fp, n, names = shard_list
-        leases, dones, bad = parse_records(value, n=n, fp=fp, now=now)
-        entries = value.value if value is not None and isinstance(value.value, dict) else {}
-        for owner, expiration in bad:
-            item = entries.get(owner)
-            other_list = item is not None and isinstance(item.value, dict) and item.value.get("fp") != fp
-            if not other_list:  # peers of another shard list under the same run id are not at fault
-                self._refuse("malformed", owner, expiration)
+        marks = self._get(f"{self.run_id}_shards_epochs")
+        if isinstance(marks, Exception):
+            return marks
+        entries = marks.value.items() if marks is not None and isinstance(marks.value, dict) else ()
+        floor = max([-1, *(x.value.get("complete", -1) for _, x in entries if _is_mark(x.value, fp))])
+        epochs = range(floor + 1, floor + 1 + WINDOW)
+        keys = [bucket_key(self.run_id, e, b) for e in epochs for b in range(bucket_count(n))]
+        futures = [self.dht.get(key, latest=True, return_future=True) for key in keys]
+        leases, dones = [], [Done(b"", "", floor, {})]
+        for future in futures:
+            try:
+                value = future.result(timeout=self.options.request_timeout_s)
+            except Exception as e:
+                return e
+            found, finished, bad = parse_records(value, n=n, fp=fp, now=now)
+            leases += found
+            dones += finished
+            entries = value.value if value is not None and isinstance(value.value, dict) else {}
+            for owner, expiration in bad:
+                item = entries.get(owner)
+                other_list = item is not None and isinstance(item.value, dict) and item.value.get("fp") != fp
+                if not other_list:  # peers of another shard list under the same run id are not at fault
+                    self._refuse("malformed", owner, expiration)
         board = Board(n, now, tuple(leases), tuple(dones))
         epoch = current_epoch(board)
         names_by_peer = {p["peer"]: p["name"] for p in peers}
@@ -337,3 +365,8 @@ def shard_lists_of(manifest) -> list[list[str]]:
     splits: Mapping[str, Any] = manifest.splits
     order = sorted(splits, key=lambda name: name != "train")
     return [[shard.name for shard in splits[name].shards] for name in order]
+
+
+def _is_mark(value, fp: str) -> bool:
+    """Whether a record under `<run_id>_shards_epochs` is an epoch mark for the shard list `fp`."""
+    return isinstance(value, dict) and value.get("fp") == fp and isinstance(value.get("complete"), int)

@@ -26,7 +26,15 @@ from hivemind.utils.crypto import RSAPrivateKey
 from hivemind.utils.serializer import MSGPackSerializer
 
 from hivetrain.assign import LeaseTiming, ShardAssigner
-from hivetrain.dht import RunRecords, ensure_run_validators, make_dht, signing_key, visible_addresses
+from hivetrain.dht import (
+    ShardKeysValidator,
+    add_epoch_keys,
+    bucket_key,
+    ensure_run_validators,
+    make_dht,
+    signing_key,
+    visible_addresses,
+)
 from hivetrain.leases import shard_list_fingerprint
 from hivetrain.metrics import MetricsRecords, metrics_key
 from tests.faults.helpers import wait_group_gone
@@ -51,8 +59,9 @@ def zygote():
 
 def new_run(swarm, name: str) -> str:
     run_id = f"f{os.getpid()}_{name}_{time.monotonic_ns()}"
-    for dht in swarm:
+    for dht in swarm:  # every node validates the run's records, as its peers' nodes do
         ensure_run_validators(dht, run_id, schemas=[MetricsRecords])
+        add_epoch_keys(dht, run_id, range(4), buckets=1)
     return run_id
 
 
@@ -220,14 +229,15 @@ def test_peer_claiming_every_shard_and_never_reading(swarm, tmp_path, fault, cap
                 lease_until=now + (1e6 if forged else lease), complete=-1, done=[],
                 claims=[dict(e=0, i=i, t=0.0 if forged else now) for i in range(len(shards))],
             )  # fmt: skip
-            greedy.store(f"{run_id}_shards", record, now + 600, subkey=key)
+            greedy.store(bucket_key(run_id, 0, 0), record, now + 600, subkey=key)
             stop.wait(lease / 3)
 
     thread = threading.Thread(target=claim_everything, daemon=True)
     thread.start()
     try:
         wait_until(
-            lambda: (v := swarm[1].get(f"{run_id}_shards", latest=True)) and v.value, what="the greedy record"
+            lambda: (v := swarm[1].get(bucket_key(run_id, 0, 0), latest=True)) and v.value,
+            what="the greedy record",
         )
         started = time.monotonic()
         honest = Honest(
@@ -297,7 +307,7 @@ def test_malformed_oversized_and_forged_records(swarm, tmp_path, fault):
     )
     shards, lease = names(16), 2.0
     run_id = new_run(swarm, "hostile")
-    key = f"{run_id}_shards"
+    key = bucket_key(run_id, 0, 0)  # 16 shards: one bucket
     quiet = _read_seconds(swarm[1], key)
     hostile = make_dht(private_key=RSAPrivateKey(), initial_peers=visible_addresses(swarm[0]))
     honest = Honest(swarm, run_id, tmp_path, shards, lease=lease, read=0.2, timing=timing())
@@ -339,6 +349,6 @@ def test_malformed_oversized_and_forged_records(swarm, tmp_path, fault):
     print(f"stores the swarm took: {stored}; largest record an honest peer read: {largest} bytes")
     fault.once(lost)
     assert lost == 0
-    assert largest < RunRecords.max_record_bytes, "an oversized record reached an honest peer"
+    assert largest < ShardKeysValidator.MAX_BYTES, "an oversized record reached an honest peer"
     assert metrics_seen is None or not metrics_seen.value, f"bad metrics records were kept: {metrics_seen}"
     assert busy < 0.5, f"an oversized record slows every read: {busy:.2f} s"
