@@ -332,6 +332,7 @@ def main() -> None:
             started = time.monotonic()
             results[peers] = scenario(peers, args, root)
             print(f"{peers} peers: {time.monotonic() - started:.0f} s", file=sys.stderr)
+            print(table(results, args), file=sys.stderr, flush=True)  # so far, in case a larger swarm fails
     print(
         f"machine: {platform.machine()}, {os.cpu_count()} cores, Python {platform.python_version()}; simulated DHT: "
         f"{args.rtt * 1000:.0f} ms per hop, log2(peers)/3 hops, {args.loss:.0%} of stores lost; "

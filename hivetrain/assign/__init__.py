@@ -1,27 +1,33 @@
 """Dividing each epoch's shards among the peers of a run through signed leases in the hivemind DHT.
 
-No coordinator. Every peer publishes one record (`hivetrain.dht.PeerRecord`) under the key
-`<run_id>_shards`, in a subkey signed with its own key, and rewrites it whole on every change:
+No coordinator. Each epoch's order (a permutation seeded by run id, seed and epoch that all peers compute
+alike) is cut into buckets of 32 shards, and each bucket has its own DHT key, `<run_id>_shards_e<E>_b<B>`,
+where every peer that claims from it keeps one record (`hivetrain.dht.PeerRecord`) in a subkey signed
+with its own key, rewritten whole on every change:
 
-* its claims, `(epoch, shard index, claim time)`, valid until `lease_until`; it renews them every
+* its claims there, `(epoch, shard index, claim time)`, valid until `lease_until`; it renews them every
   `lease_s / 3`, so a dead peer's shards come free within `lease_s`;
-* the shards it finished in the epochs still open and the last epoch it saw complete; the record
-  lives for hours, so a joining peer learns the current epoch and what is left, and finishing a shard
-  (claims -> done) is one atomic write.
+* the shards it finished there; that record lives for hours, so finishing a shard (claims -> done) is
+  one atomic write and counts after the peer is gone.
 
-A peer reads all records with one `get`, picks at random among the first few free shards of the epoch's
-order (a permutation seeded by run id, seed and epoch that all peers compute alike), publishes its claim,
+A claim round reads one bucket (a peer alone: the first one not done, so it reads the order exactly;
+otherwise one at random), picks at random among the first few free shards, publishes its claim,
 re-reads after a short settle and backs off if an earlier claim (then the lower key) holds the same
-shard: the DHT has no compare-and-swap. When the current epoch has no free shard left, peers start the
-next one rather than idle (at most two epochs are open at once), and shards of the older epoch whose
-leases expire are taken first. Work is taken, never pre-assigned, so a faster peer reads more shards.
+shard: the DHT has no compare-and-swap. A bucket found with nothing to claim is left alone, except that
+each round also re-reads the one found so longest ago (after `lease_s / 3`), which is how lapsed claims
+are found. Whoever sees a bucket complete marks it under `<run_id>_shards_e<E>`, and the last bucket of
+an epoch marks the epoch under `<run_id>_shards_epochs`, where a joiner learns where the run is. So a
+claim reads and writes a few records of a few hundred bytes whether the run has 8 peers or 1,000
+(`bench/swarm_sim.py`). When the current epoch has nothing left to claim, peers start the next one rather
+than idle (at most two epochs are open at once). Work is taken, never pre-assigned, so a faster peer
+reads more shards.
 
 The decision itself (`hivetrain.leases`: `Board`, `current_epoch`, `choose`, `confirmed`) is pure and is
 tested without a DHT. Around it, one file per concern:
 
     assigner.py   `ShardAssigner`: the claim protocol (claim rounds, renewal thread) and the public API
     holdings.py   `Holdings`: this peer's own claims and finished shards, the authority for its record
-    store.py      `RecordStore`: how records are kept in the DHT; `SingleKeyStore`, all under one key
+    store.py      `RecordStore`: how records are kept in the DHT; `BucketStore`, a key per bucket
     observer.py   `BoardObserver`: what changed between reads (epoch, peers, clocks, malformed and
                   abandoned records), logged once each
 

@@ -137,6 +137,7 @@ class BucketStore:
         self._lock = threading.Lock()  # one call into the DHT's pipe at a time; orders the writes
         self._owner = b""
         self._written: dict[View, tuple] = {}  # per bucket: (claims, done) as last written
+        self._unsent: set[View] = set()  # buckets whose last write failed
         self._expiration: dict[str, float] = {}  # per key: our subkey's last expiration
         self._fetched: dict[str, tuple[float, object]] = {}  # per key: (monotonic time, DHT value)
         self._marked: dict[int, set[int]] = {}  # buckets this peer marked, per epoch
@@ -234,9 +235,19 @@ class BucketStore:
             with self._lock:
                 now = get_dht_time()
                 lease, done = record(now)
-                futures = [self._store(*item) for item in self._changed(lease, done, now)]
-            stored = all(future.result(timeout=self._timeout_s) for future in futures)
-            if futures:
+                writes = [(view, self._store(*item)) for view, *item in self._changed(lease, done, now)]
+            stored = True
+            for view, future in writes:
+                try:
+                    ok = future.result(timeout=self._timeout_s)
+                except Exception as e:
+                    ok = False
+                    self._set_reachable(False, e)
+                if not ok:  # written again at the next write, changed or not: a lost done shard is read twice
+                    stored = False
+                    with self._lock:
+                        self._unsent.add(view)
+            if writes:
                 self.store_s += 0.3 * (time.monotonic() - started - self.store_s)
             if not stored:
                 logger.debug("run %s: a record of ours was not stored", self._run_id)
@@ -245,9 +256,10 @@ class BucketStore:
             self._set_reachable(False, e)
         return False
 
-    def _changed(self, lease: Lease, done: Done, now: float) -> list[tuple[str, dict, float]]:
-        """The `(key, value, expiration)` to write: every bucket where this peer holds claims (renewed),
-        or where its part changed since the last write (called with `_lock` held)."""
+    def _changed(self, lease: Lease, done: Done, now: float) -> list[tuple[View, str, dict, float]]:
+        """The `(bucket, key, value, expiration)` to write: every bucket where this peer holds claims
+        (renewed), where its part changed since the last write, or whose last write failed (called with
+        `_lock` held)."""
         claims: dict[View, list] = {}
         for e, i, t in lease.claims:
             claims.setdefault((e, self._bucket_of(e, i)), []).append((e, i, t))
@@ -256,10 +268,17 @@ class BucketStore:
             for i in shards:
                 finished.setdefault((e, self._bucket_of(e, i)), set()).add(i)
         had_claims = [view for view, (held, _) in self._written.items() if held]
+        unsent, self._unsent = self._unsent, set()
         out = []
-        for view in dict.fromkeys([*claims, *had_claims, *finished]):
+        for view in dict.fromkeys(
+            [
+                *claims,
+                *had_claims,
+                *finished,
+            ]
+        ):
             part = (tuple(claims.get(view, ())), frozenset(finished.get(view, ())))
-            if part == self._written.get(view) and not part[0]:
+            if part == self._written.get(view) and not part[0] and view not in unsent:
                 continue
             self._written[view] = part
             self._ensure_keys(view[0])
@@ -274,7 +293,7 @@ class BucketStore:
             )
             # a record with only claims (or none: withdrawn) is gone soon after its lease
             expires = now + self._ttl_s if part[1] else max(lease.expires, now) + 1.0
-            out.append((bucket_key(self._run_id, *view), value, expires))
+            out.append((view, bucket_key(self._run_id, *view), value, expires))
         newest = max((e for e, _ in self._written), default=0)
         for view in [v for v, (held, _) in self._written.items() if not held and v[0] < newest - 2]:
             del self._written[view]  # a settled epoch: never written again
