@@ -142,7 +142,7 @@ def sim_store(node: SimNode, **kwargs):
             self._owner = f"[owner:{node.name}]".encode()
             return self._owner
 
-        def _ensure_keys(self, epoch: int) -> None:
+        def _ensure_keys(self, epochs) -> None:
             pass
 
     return SimStore(node, **kwargs)

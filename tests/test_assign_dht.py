@@ -152,6 +152,26 @@ def test_a_peer_publishes_nothing_until_it_claims(swarm, run_id):
         assigner.close()
 
 
+def test_shards_finished_just_before_their_epoch_is_left_behind_stay_done_in_the_dht(swarm, run_id, peer):
+    # the renewal thread is slow here, so the next claim round is the first write of these done shards,
+    # and its read has already moved the peer two epochs on (past the point where it forgets epoch 0)
+    shards, key = names(4), bucket_key(run_id, 0, 0)
+    slow = LeaseTiming(settle_s=0.05, poll_s=30, request_timeout_s=5)
+    assigner = peer(swarm[0], shards=shards, lease_s=90, timing=slow, batch=8)
+    held = [assigner.next_claim(timeout=10) for _ in range(8)]  # every shard of epochs 0 and 1
+    assert sorted((c.epoch, c.shard) for c in held) == [(e, s) for e in (0, 1) for s in shards]
+    for claim in held:
+        assigner.complete(claim, samples=1)
+    assert assigner.next_claim(timeout=10).epoch == 2
+
+    def done_in_epoch_0():
+        value = swarm[1].get(key, latest=True)
+        record = value and value.value.get(signing_key(swarm[0]))
+        return record and {i for d in record.value["done"] for i in d["shards"] if d["e"] == 0}
+
+    assert done_in_epoch_0() == {0, 1, 2, 3}, "the record of epoch 0 lost its done shards"
+
+
 def test_stable_peers_read_each_shard_once_per_epoch_in_the_agreed_order(swarm, run_id, peer, tmp_path):
     shards, peers = names(30), swarm[:3]
     # the last one claims two shards per round

@@ -523,8 +523,12 @@ class ShardAssigner:
         is logged. Shards of buckets marked complete count as done."""
         records = Records()
         if self._store is not None:
-            records = self._store.read(views, max_age=max_age)
-            marks = self._store.progress(self._open_epochs(), max_age=max(max_age, self._lease_s / 3))
+            with self._lock:
+                epochs = self._open_epochs()
+            records = self._store.read(
+                views, max_age=max_age, marks_of=epochs, marks_age=max(max_age, self._lease_s / 3)
+            )  # one round of requests
+            marks = records.progress
         with self._lock:
             if self._store is not None:
                 self._marks = marks
@@ -565,11 +569,8 @@ class ShardAssigner:
     # ---- publishing -------------------------------------------------------------------------------
 
     def _publish(self, *, leaving: bool = False) -> None:
-        """Write this peer's records: claims renewed for `lease_s` (none when leaving), done shards; then
-        check the buckets where it finished shards."""
+        """Write this peer's records: claims renewed for `lease_s` (none when leaving), done shards."""
         self._store.write(functools.partial(self._record, leaving=leaving))
-        if not leaving:
-            self._check_finished()
 
     def _record(self, now: float, *, leaving: bool) -> tuple[Lease, Done]:
         """This peer's record as of DHT time `now`, noted as written."""
@@ -585,7 +586,9 @@ class ShardAssigner:
 
     def _renew(self) -> None:
         """The renewal thread: rewrite the record every `lease_s / 3`, and within `poll_s` of a change
-        (a busy peer's next claim round usually publishes it first, saving a write per shard)."""
+        (a busy peer's next claim round usually publishes it first, saving a write per shard); then check
+        the buckets where this peer finished shards (off the claim rounds' path: a round's every
+        sequential request costs a round trip, a link's queue behind an averaging round)."""
         while not self._closed.is_set():
             with self._lock:
                 due = self._holdings.next_write(renew_s=self._lease_s / 3, poll_s=self._timing.poll_s)
@@ -594,3 +597,4 @@ class ShardAssigner:
                 continue  # recompute when it is due
             if not self._closed.is_set():
                 self._publish()
+                self._check_finished()

@@ -119,7 +119,10 @@ class Holdings:
         self.touch()
 
     def forget_before(self, epoch: int) -> None:
-        """Drop the done lists of epochs before `epoch` (settled: kept small)."""
+        """Drop the done lists of epochs before `epoch` (settled: kept small), once every change is in a
+        record written (a shard finished since is not in the DHT yet: it must not be forgotten unsaid)."""
+        if self._changed != float("inf"):
+            return
         for old in [e for e in self._done if e < epoch]:
             del self._done[old]
 

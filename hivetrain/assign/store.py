@@ -39,6 +39,15 @@ View = tuple[int, int]
 
 
 @dataclass(frozen=True)
+class Progress:
+    """The run's progress as marked in the DHT: the last epoch found complete, and per epoch asked about,
+    the buckets found complete."""
+
+    floor: int = -1
+    complete: dict[int, frozenset[int]] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
 class Records:
     """What one read found: the leases and done lists of the buckets read (this peer's as stored), and
     the `(subkey, expiration)` of records that make no sense."""
@@ -46,9 +55,16 @@ class Records:
     leases: tuple[Lease, ...] = ()
     dones: tuple[Done, ...] = ()
     malformed: tuple[tuple[bytes, float], ...] = ()
+    progress: Progress | None = None
+    """The run's marks, when the read asked for them."""
 
     def __add__(self, other: Records) -> Records:
-        return Records(self.leases + other.leases, self.dones + other.dones, self.malformed + other.malformed)
+        return Records(
+            self.leases + other.leases,
+            self.dones + other.dones,
+            self.malformed + other.malformed,
+            self.progress or other.progress,
+        )
 
 
 @dataclass
@@ -59,15 +75,6 @@ class Traffic:
     stores: int = 0
     bytes_read: int = 0
     bytes_written: int = 0
-
-
-@dataclass(frozen=True)
-class Progress:
-    """The run's progress as marked in the DHT: the last epoch found complete, and per epoch asked about,
-    the buckets found complete."""
-
-    floor: int = -1
-    complete: dict[int, frozenset[int]] = field(default_factory=dict)
 
 
 class RecordStore(Protocol):
@@ -86,8 +93,16 @@ class RecordStore(Protocol):
     def open(self) -> bytes:
         """Get ready to read and write (the run's validators installed); returns this peer's owner key."""
 
-    def read(self, views: Iterable[View], *, max_age: float = 0.0) -> Records:
-        """Every peer's records in the buckets `views`, each fetched unless fetched under `max_age` s ago."""
+    def read(
+        self,
+        views: Iterable[View],
+        *,
+        max_age: float = 0.0,
+        marks_of: Iterable[int] | None = None,
+        marks_age: float = 0.0,
+    ) -> Records:
+        """Every peer's records in the buckets `views`, each fetched unless fetched under `max_age` s ago;
+        with `marks_of`, also `progress(marks_of, max_age=marks_age)`, in the same round of requests."""
 
     def write(self, record: OwnRecord) -> bool:
         """Write this peer's record as `record(now)` builds it, to each bucket where it changed or holds
@@ -141,7 +156,7 @@ class BucketStore:
         self._expiration: dict[str, float] = {}  # per key: our subkey's last expiration
         self._fetched: dict[str, tuple[float, object]] = {}  # per key: (monotonic time, DHT value)
         self._marked: dict[int, set[int]] = {}  # buckets this peer marked, per epoch
-        self._keys_until = 0  # epochs below this have their keys in the DHT's validator
+        self._keyed: set[int] = set()  # epochs whose keys are in the DHT's validator
         self.reachable, self.store_s, self.traffic = True, 0.0, Traffic()
 
     @functools.cached_property
@@ -154,30 +169,44 @@ class BucketStore:
 
     # ---- reading --------------------------------------------------------------------------------
 
-    def read(self, views: Iterable[View], *, max_age: float = 0.0) -> Records:
+    def read(
+        self,
+        views: Iterable[View],
+        *,
+        max_age: float = 0.0,
+        marks_of: Iterable[int] | None = None,
+        marks_age: float = 0.0,
+    ) -> Records:
         views = list(dict.fromkeys(views))
-        if views:
+        epochs = None if marks_of is None else list(marks_of)
+        if views or epochs:
             with self._lock:
-                self._ensure_keys(max(e for e, _ in views))
-        values = self._get([bucket_key(self._run_id, *view) for view in views], max_age=max_age)
+                self._ensure_keys([*(e for e, _ in views), *(epochs or ())])
+        wanted = {bucket_key(self._run_id, *view): max_age for view in views}
+        if epochs is not None:
+            wanted.update(dict.fromkeys(self._marks_keys(epochs), marks_age))
+        values = self._get(wanted)
         records, now = Records(), get_dht_time()
-        for view, value in zip(views, values, strict=True):
-            if value is not None:
+        for view in views:
+            if (value := values[bucket_key(self._run_id, *view)]) is not None:
                 within = functools.partial(self._within, view)
                 leases, dones, bad = parse_records(value, n=self._n, fp=self._fp, now=now, within=within)
                 records += Records(tuple(leases), tuple(dones), tuple(bad))
+        if epochs is not None:
+            records += Records(progress=self._progress(epochs, values))
         return records
 
     def _within(self, view: View, epoch: int, index: int) -> bool:
         return epoch == view[0] and self._bucket_of(epoch, index) == view[1]
 
     def progress(self, epochs: Iterable[int], *, max_age: float = 0.0) -> Progress:
-        epochs = list(epochs)
-        if epochs:
-            with self._lock:
-                self._ensure_keys(max(epochs))
-        keys = [f"{self._run_id}_shards_epochs", *(marks_key(self._run_id, e) for e in epochs)]
-        floor_value, *mark_values = self._get(keys, max_age=max_age)
+        return self.read((), marks_of=epochs, marks_age=max_age).progress
+
+    def _marks_keys(self, epochs: Sequence[int]) -> list[str]:
+        return [f"{self._run_id}_shards_epochs", *(marks_key(self._run_id, e) for e in epochs)]
+
+    def _progress(self, epochs: Sequence[int], values: dict[str, object]) -> Progress:
+        floor_value, *mark_values = (values[key] for key in self._marks_keys(epochs))
         floor = max([-1, *(m.complete for m in self._parse(floor_value, EpochMark))])
         complete = {
             epoch: frozenset(
@@ -199,10 +228,11 @@ class BucketStore:
                 out.append(record)
         return out
 
-    def _get(self, keys: Sequence[str], *, max_age: float) -> list:
-        """The DHT values of `keys` (None where absent), fetched at once; cached ones younger than `max_age`."""
+    def _get(self, keys: dict[str, float]) -> dict[str, object]:
+        """The DHT values of `keys` (None where absent), fetched at once, but for those fetched less than
+        `keys[key]` seconds ago."""
         now, values, wanted = time.monotonic(), {}, []
-        for key in keys:
+        for key, max_age in keys.items():
             cached = self._fetched.get(key)
             if cached is not None and now - cached[0] <= max_age:
                 values[key] = cached[1]
@@ -225,7 +255,7 @@ class BucketStore:
             if len(self._fetched) > 256:  # old epochs' buckets: never read again
                 for key in sorted(self._fetched, key=lambda k: self._fetched[k][0])[:128]:
                     del self._fetched[key]
-        return [values[key] for key in keys]
+        return values
 
     # ---- writing --------------------------------------------------------------------------------
 
@@ -270,18 +300,14 @@ class BucketStore:
         had_claims = [view for view, (held, _) in self._written.items() if held]
         unsent, self._unsent = self._unsent, set()
         out = []
-        for view in dict.fromkeys(
-            [
-                *claims,
-                *had_claims,
-                *finished,
-            ]
-        ):
-            part = (tuple(claims.get(view, ())), frozenset(finished.get(view, ())))
+        for view in dict.fromkeys([*claims, *had_claims, *finished, *sorted(unsent)]):
+            before = self._written.get(view, ((), frozenset()))
+            # done shards stay done: the assigner forgets old epochs' ones, their record stands
+            part = (tuple(claims.get(view, ())), frozenset(finished.get(view, ())) | before[1])
             if part == self._written.get(view) and not part[0] and view not in unsent:
                 continue
             self._written[view] = part
-            self._ensure_keys(view[0])
+            self._ensure_keys([view[0]])
             value = dict(
                 peer=lease.peer,
                 fp=self._fp,
@@ -296,7 +322,8 @@ class BucketStore:
             out.append((view, bucket_key(self._run_id, *view), value, expires))
         newest = max((e for e, _ in self._written), default=0)
         for view in [v for v, (held, _) in self._written.items() if not held and v[0] < newest - 2]:
-            del self._written[view]  # a settled epoch: never written again
+            if view not in self._unsent:
+                del self._written[view]  # a settled epoch: never written again
         return out
 
     def mark(self, epoch: int, buckets: Iterable[int], *, epoch_complete: bool = False) -> None:
@@ -313,7 +340,7 @@ class BucketStore:
                 writes.append((f"{self._run_id}_shards_epochs", value, get_dht_time() + self._ttl_s))
             for old in [e for e in self._marked if e < epoch - 2]:
                 del self._marked[old]
-            self._ensure_keys(epoch)
+            self._ensure_keys([epoch])
             futures = [self._store(*item) for item in writes]
         try:
             for future in futures:
@@ -333,12 +360,17 @@ class BucketStore:
         self.traffic.bytes_written += len(MSGPackSerializer.dumps(value)) + len(self._owner)
         return self._dht.store(key, value, expiration, subkey=self._owner, return_future=True)
 
-    def _ensure_keys(self, epoch: int) -> None:
-        """Have the DHT check the records under the keys of `epoch` and the next few (with `_lock` held)."""
-        if epoch + 1 >= self._keys_until:
-            start = max(self._keys_until, epoch)
-            self._keys_until = start + self.EPOCH_KEYS_AHEAD
-            add_epoch_keys(self._dht, self._run_id, range(start, self._keys_until), self._buckets)
+    def _ensure_keys(self, epochs: Iterable[int]) -> None:
+        """Have the DHT check the records under the keys of `epochs`, adding the next few epochs' with
+        any missing (called with `_lock` held)."""
+        missing = [e for e in epochs if e not in self._keyed]
+        if missing:
+            new = [
+                e for e in range(min(missing), max(missing) + self.EPOCH_KEYS_AHEAD) if e not in self._keyed
+            ]
+            add_epoch_keys(self._dht, self._run_id, new, self._buckets)
+            self._keyed.update(new)
+            self._keyed -= {e for e in self._keyed if e < max(self._keyed) - 4 * self.EPOCH_KEYS_AHEAD}
 
     def _set_reachable(self, reachable: bool, error: BaseException | None = None) -> None:
         if reachable != self.reachable:
