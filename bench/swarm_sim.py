@@ -1,6 +1,6 @@
 """The claim protocol at 64 to 1,024 peers: hivetrain's own ShardAssigner over a simulated DHT.
 
-    .venv/bin/python bench/swarm_sim.py [--peers 8 64 256 1024] [--shards 1250] [--read 6] [--lease 4]
+    .venv/bin/python bench/swarm_sim.py [--peers 8 64 256 1024] [--shards 1250] [--read 6] [--lease 12] [--scale 0.25 1 4 10]
 
 Every peer is a real `hivetrain.assign.ShardAssigner` with its real `BucketStore` (claim rounds, renewal
 thread, records split over buckets, marks), all in this one process; only the DHT is simulated, because
@@ -160,7 +160,7 @@ class Peer:
         self.assigner = ShardAssigner(
             shard_names(args.shards), dht=self.node, run_id=RUN_ID, lease_s=args.lease,
             max_epochs=args.epochs, log_dir=self.out, batch=2,
-            timing=LeaseTiming(settle_s=args.settle, poll_s=0.5), store=sim_store,
+            timing=LeaseTiming(settle_s=args.settle, poll_s=0.5 * args.scale), store=sim_store,
         )  # fmt: skip
         self.stopped = threading.Event()
         self._claims = (self.out / "claims.jsonl").open("a")
@@ -186,7 +186,7 @@ class Peer:
 
         threading.Thread(target=claimer, daemon=True).start()
         while not self.stopped.is_set() and (claim := ready.get()) is not None:
-            if self.assigner.finished_elsewhere(claim):
+            if self.assigner.taken_elsewhere(claim):
                 self.assigner.release(claim)
             elif not self.stopped.wait(self.read_s):
                 self.assigner.complete(claim, samples=1)
@@ -224,8 +224,14 @@ def read_times(args) -> list[float]:
     return out
 
 
-def scenario(peers: int, args, root: Path) -> dict:
-    args = argparse.Namespace(**{**vars(args), "peers": peers})
+TIMES = ("read", "lease", "settle", "rtt", "kill_at", "join_at")
+"""The arguments in seconds, which `--scale` multiplies."""
+
+
+def scenario(peers: int, scale: float, args, root: Path) -> dict:
+    args = argparse.Namespace(**{**vars(args), "peers": peers, "scale": scale})
+    for name in TIMES:
+        setattr(args, name, getattr(args, name) * scale)
     out = root / f"sim{peers}"
     hops = max(1, math.ceil(math.log2(max(peers, 2)) / 3))
     dht = SimDHT(hop_s=args.rtt, hops=hops, loss=args.loss, seed=args.seed)
@@ -252,9 +258,13 @@ def scenario(peers: int, args, root: Path) -> dict:
             print(f"peer {rank} did not finish", file=sys.stderr)
     result = metrics(out, args, go=go, killed=killed, joined=joined, normal=range(2, min(peers, 8)))
     result["cpu"] = time.process_time() - cpu
+    for key in ("reassign", "join", "latency_p50", "latency_p95", "tail", "run_time"):  # back to unscaled s
+        if result.get(key) is not None:
+            result[key] /= args.scale
     traffic = [peer.assigner._store.traffic for peer in swarm]
     claims = sum(len((p.out / "claims.jsonl").read_text().splitlines()) for p in swarm)
     result["gets"] = sum(t.gets for t in traffic) / claims
+    result["gets_per_s"] = sum(t.gets for t in traffic) / len(swarm) / (time.time() - go) * scale
     result["stores"] = sum(t.stores for t in traffic) / claims
     result["kb"] = sum(t.bytes_read + t.bytes_written for t in traffic) / claims / 1000
     largest = max((len(v) for v in dht.table.values()), default=0)
@@ -271,7 +281,10 @@ def table(results: dict[int, dict], args) -> str:
     rows = [
         ("coverage (target 100%)", lambda r: f"{r['coverage']:.1%}"),
         ("duplicate reads (target < 2%)", lambda r: f"{r['duplicates']} ({r['duplicates'] / total:.1%})"),
-        (f"dead peer's shards taken over after (s; lease {args.lease:g})", lambda r: s(r["reassign"])),
+        (
+            f"dead peer's shards taken over after (s; lease {args.lease:g})",
+            lambda r: s(r["reassign"]),
+        ),
         ("joiner's first shard after join (s)", lambda r: s(r["join"])),
         ("claim latency p50 / p95 (s)", lambda r: f"{s(r['latency_p50'])} / {s(r['latency_p95'])}"),
         ("3x peer's shards / a normal peer's", lambda r: f"{r['fast_vs_normal']:.2f}"),
@@ -282,6 +295,7 @@ def table(results: dict[int, dict], args) -> str:
         ("  backup reads", lambda r: str(r["backups"])),
         ("run time (s)", lambda r: s(r["run_time"])),
         ("DHT gets per shard claimed", lambda r: f"{r['gets']:.1f}"),
+        ("DHT gets per peer per second", lambda r: f"{r['gets_per_s']:.2f}"),
         ("DHT stores per shard claimed", lambda r: f"{r['stores']:.1f}"),
         ("DHT value KB per shard claimed (read + written)", lambda r: f"{r['kb']:.1f}"),
         ("most records under one key", lambda r: str(r["largest"])),
@@ -311,7 +325,7 @@ def main() -> None:
     )
     parser.add_argument("--epochs", type=int, default=1)
     parser.add_argument("--read", type=float, default=6.0, help="seconds per shard of a normal peer")
-    parser.add_argument("--lease", type=float, default=4.0)
+    parser.add_argument("--lease", type=float, default=12.0, help="two reads of a normal peer")
     parser.add_argument("--settle", type=float, default=0.2)
     parser.add_argument("--slow", type=float, default=10.0, help=f"peer {SLOW} reads this many times slower")
     parser.add_argument("--rtt", type=float, default=0.05, help="seconds per DHT lookup hop")
@@ -320,7 +334,15 @@ def main() -> None:
     parser.add_argument("--join-at", type=float, default=6.0)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--keep", type=Path, help="keep the peers' logs in this (new) folder")
+    parser.add_argument(
+        "--scale", type=float, nargs="+", default=[1.0],
+        help="per swarm size (or one for all): run every time (reads, lease, settle, hops, kill, join) this "
+        "many times slower and report them divided back: a thousand peers' threads on a few cores need "
+        "the slack to keep their timing, a few peers finish an epoch sooner at a fraction",
+    )  # fmt: skip
     args = parser.parse_args()
+    if len(args.scale) not in (1, len(args.peers)):
+        parser.error(f"--scale: one factor, or one per swarm size ({len(args.peers)})")
     threading.stack_size(512 << 10)
     import logging
 
@@ -328,9 +350,10 @@ def main() -> None:
     results = {}
     with tempfile.TemporaryDirectory(prefix="swarm-sim-") as tmp:
         root = args.keep or Path(tmp)
-        for peers in args.peers:
+        scales = args.scale * len(args.peers) if len(args.scale) == 1 else args.scale
+        for peers, scale in zip(args.peers, scales, strict=True):
             started = time.monotonic()
-            results[peers] = scenario(peers, args, root)
+            results[peers] = scenario(peers, scale, args, root)
             print(f"{peers} peers: {time.monotonic() - started:.0f} s", file=sys.stderr)
             print(table(results, args), file=sys.stderr, flush=True)  # so far, in case a larger swarm fails
     print(
@@ -338,6 +361,7 @@ def main() -> None:
         f"{args.rtt * 1000:.0f} ms per hop, log2(peers)/3 hops, {args.loss:.0%} of stores lost; "
         f"{args.shards} shards x {args.epochs} epoch(s), read {args.read} s/shard, lease {args.lease} s, "
         f"settle {args.settle} s, peer {VICTIM} dies at {args.kill_at} s, a peer joins at {args.join_at} s"
+        + f"; every time x{'/'.join(f'{x:g}' for x in args.scale)} as run, divided back in the table"
     )
     print(table(results, args))
 

@@ -9,7 +9,8 @@ may serve it) and counted; once this peer has failed to fetch it `max_failures` 
 read with 0 samples and reported in `unavailable`, so that an epoch never waits forever for bytes that
 no source has.
 When the stream reports a shard finished, `finish` records it with the assigner and unpins it. A claimed
-shard that another peer finished first (a backup reading of this peer's straggler) is given back unread.
+shard that another peer finished first, or holds as a backup reader of this peer's straggler, is given
+back unread.
 """
 
 from __future__ import annotations
@@ -114,9 +115,9 @@ class ClaimFeed:
             while (entry := self._take(ahead)) is not None:
                 claim, future = entry
                 shard = self._shards[claim.shard]
-                if self.assigner.finished_elsewhere(claim):  # a backup reader was quicker
+                if self.assigner.taken_elsewhere(claim):  # a backup reader took it over
                     log.info(
-                        "%s of epoch %d was read by another peer meanwhile: skipping it",
+                        "%s of epoch %d was taken over by another peer (read, or being read): skipping it",
                         claim.shard,
                         claim.epoch,
                     )

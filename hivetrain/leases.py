@@ -27,6 +27,9 @@ WINDOW = 2
 BUCKET_SIZE = 32
 """Shards per bucket: a bucket's records (its readers' claims and done shards) are all a claim reads."""
 
+PEERS_PER_BUCKET = 4
+"""Peers claiming from one bucket at a time, about (`front`)."""
+
 
 @dataclass(frozen=True)
 class Lease:
@@ -234,6 +237,14 @@ def bucket_state(
     if late_s is not None and set(stragglers(board, epoch, late_s, me=me, skip=skip)) & set(shards):
         return "open"
     return "exhausted"
+
+
+def front(peers: int) -> int:
+    """How many of an epoch's first open buckets a swarm of `peers` claims from at once: enough that a
+    few peers share a bucket (they rarely pick the same shard), few enough that the buckets being read
+    are those where a dead peer's claims lapse, so they are found within about a lease (a bucket chosen
+    at random among all of an epoch's, as at first, was read again a minute or more after)."""
+    return max(1, -(-peers // PEERS_PER_BUCKET))
 
 
 def plan_views(

@@ -45,7 +45,8 @@ def names(n: int) -> list[str]:
 
 
 def consume(assigner: ShardAssigner, read_s: float, *, prefetch: int = 1, claims_log: Path | None = None):
-    """The fake model: keep up to `prefetch` claims, read each for `read_s`, complete it; until None."""
+    """The fake model: keep up to `prefetch` claims, read each for `read_s`, complete it; until None. As
+    `hivetrain.feed` does, a claim that another peer took over before its reading began is given back."""
     slots, claims = threading.Semaphore(prefetch), queue.Queue()
 
     def claimer():
@@ -63,6 +64,10 @@ def consume(assigner: ShardAssigner, read_s: float, *, prefetch: int = 1, claims
     thread.start()
     done = []
     while (claim := claims.get()) is not None:
+        if assigner.taken_elsewhere(claim):
+            assigner.release(claim)
+            slots.release()
+            continue
         time.sleep(read_s)  # stands for reading the shard
         assigner.complete(claim, samples=1)
         done.append(claim)
@@ -328,7 +333,8 @@ def test_a_far_slower_peer_does_not_hold_up_the_end_of_an_epoch(swarm, run_id, p
     assert backups and all(x["peer"] != slow.peer_id for x in backups)
     # without backup readers the epoch would end when the slow peer had read what it holds (9 s or more)
     assert ended - their_part < read_slow / 3, (ended - their_part, lines)
-    assert len(lines) - len(shards) <= 3  # the slow peer's shards read twice: a duplicate each, no more
+    # the shard the slow peer was reading is read twice; the one it held ahead was stolen, read once
+    assert len(lines) - len(shards) <= 1, lines
 
 
 def test_hostile_peer_cannot_erase_forge_or_crash(swarm, run_id, peer, tmp_path):

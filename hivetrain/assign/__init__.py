@@ -20,7 +20,10 @@ an epoch marks the epoch under `<run_id>_shards_epochs`, where a joiner learns w
 claim reads and writes a few records of a few hundred bytes whether the run has 8 peers or 1,000
 (`bench/swarm_sim.py`). When the current epoch has nothing left to claim, peers start the next one rather
 than idle (at most two epochs are open at once). Work is taken, never pre-assigned, so a faster peer
-reads more shards.
+reads more shards. Once no bucket of the current epoch has a free shard, a peer of ordinary speed
+reads a second copy of a shard another peer has held for three times the run's median hold (a
+straggler); the straggler, finding its claim backed up before it began the shard, gives it up
+(`ShardAssigner.taken_elsewhere`), so the shard is read once, by the faster peer.
 
 The decision itself (`hivetrain.leases`: `Board`, `current_epoch`, `choose`, `confirmed`) is pure and is
 tested without a DHT. Around it, one file per concern:

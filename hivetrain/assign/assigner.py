@@ -13,6 +13,7 @@ import functools
 import logging
 import os
 import random
+import statistics
 import threading
 import time
 from collections import deque
@@ -36,6 +37,7 @@ from ..leases import (
     choose,
     confirmed,
     current_epoch,
+    front,
     late_after,
     plan_views,
     shard_order,
@@ -174,6 +176,9 @@ class ShardAssigner:
         self.lost_races = 0
         self._claim_to_done_s: deque[float] = deque(maxlen=9)  # this peer's recent shards, claim to finish
         self._board = Board(len(self._shards), 0.0)  # the last board read
+        self._taken: set[tuple[int, int]] = (
+            set()
+        )  # shards held here that a backup reader holds too, or finished
         self._resume = resume
         self._floor = -1  # the last epoch known complete before any board says so (a restart's)
 
@@ -311,6 +316,8 @@ class ShardAssigner:
                     late_s = late_after(
                         [*self._claim_to_done_s, *self._observer.hold_s], least_s=self._lease_s / 2
                     )
+                    if not self._in_tail(current_epoch(board), views) or self._slower_than_most():
+                        late_s = None  # no backup reads yet, or none by this peer
                 kw = dict(rng=self._rng, spread=spread, max_epochs=self._max_epochs, skip=picks, me=self._owner,
                           late_s=late_s)  # fmt: skip
                 most = max(1, batch or self._batch)
@@ -363,12 +370,15 @@ class ShardAssigner:
         self._closed.wait(self._timing.poll_s if left is None else min(self._timing.poll_s, left))
         return self._closed.is_set()
 
-    def finished_elsewhere(self, claim: Claim) -> bool:
-        """Whether the last board read shows `claim`'s shard finished by another peer (a backup reader
-        took over a shard this peer was slow to reach): no need to read it."""
+    def taken_elsewhere(self, claim: Claim) -> bool:
+        """Whether `claim`'s shard was finished by another peer, or, this peer's claim being the first,
+        another peer holds it as a backup reader, as the boards read lately show: a shard this peer is
+        slow to reach, which it need not read (it gives the claim back, and the backup reader's is the
+        only reading: work stolen, not read twice). Answers from memory, never waits on the DHT: the
+        renewal thread re-reads the buckets of claims held long enough to be backed up."""
         index = self._shards.index(claim.shard)
         with self._lock:
-            return index in self._board.done(claim.epoch)
+            return (claim.epoch, index) in self._taken or index in self._board.done(claim.epoch)
 
     def release(self, claim: Claim) -> None:
         """Give an unfinished shard back at once, for others (or this peer) to read."""
@@ -462,8 +472,24 @@ class ShardAssigner:
         """The buckets the next claim round reads (called with `_lock` held)."""
         return plan_views(
             self._open_epochs(), self._count, self._complete, self._exhausted, now=time.monotonic(),
-            recheck_s=self._recheck_s, rng=self._rng, spread=1 if self.single_peer else None,
+            recheck_s=self._recheck_s, rng=self._rng,
+            spread=1 if self.single_peer else front(self._observer.peers_met + 1),
         )  # fmt: skip
+
+    def _slower_than_most(self) -> bool:
+        """Whether this peer holds its shards over twice as long as the run's median (others' holds are
+        timed from when they were first seen, so shorter than its own): it reads no backups, which the
+        straggler would give up to it (`taken_elsewhere`) only to wait longer (called with `_lock` held)."""
+        mine, run = self._claim_to_done_s, self._observer.hold_s
+        return len(mine) >= 3 and len(run) >= 3 and statistics.median(mine) > 2 * statistics.median(run)
+
+    def _in_tail(self, epoch: int, views: Sequence[View]) -> bool:
+        """Whether `epoch` has nothing left to claim outside `views`, as far as this peer knows (its other
+        buckets complete or found exhausted): only then are its stragglers backed up. A bucket read in the
+        middle of an epoch often has nothing free but shards in slower peers' read-ahead queues; backing
+        those up while other buckets still offer shards only reads them twice (called with `_lock` held)."""
+        known = self._complete.get(epoch, set()) | set(self._exhausted.get(epoch, {}))
+        return all(b in known or (epoch, b) in views for b in range(self._count))
 
     def _note_views(
         self, board: Board, views: Sequence[View], picks: Sequence[tuple[int, int]], late_s: float | None
@@ -551,6 +577,12 @@ class ShardAssigner:
                     Done(b"", "", self._floor, marked),
                 ),
             )
+            held = {(e, i) for e, i, _ in lease.claims}
+            self._taken &= held
+            for e, i in held:
+                claims = board.claims(e).get(i, ())
+                if i in board.done(e) or (len(claims) > 1 and claims[0][1] == self._owner):
+                    self._taken.add((e, i))
             reachable = None if self._store is None else self._store.reachable
             epoch = self._observer.see(board, records, owner=self._owner, reachable=reachable)
             self._holdings.forget_before(epoch - 1)  # epochs before the previous one are settled
@@ -598,3 +630,16 @@ class ShardAssigner:
             if not self._closed.is_set():
                 self._publish()
                 self._check_finished()
+                self._check_held()
+
+    def _check_held(self) -> None:
+        """Re-read the buckets of the claims held here for longer than others take a shard to be late:
+        a backup reader may have taken them over (`taken_elsewhere`)."""
+        with self._lock:
+            late_s = late_after([*self._claim_to_done_s, *self._observer.hold_s], least_s=self._lease_s / 2)
+            late_s, now = late_s or self._lease_s / 2, get_dht_time()
+            views = sorted(
+                {(e, self._bucket_of(e, i)) for e, i, t in self._holdings.claims() if now - t > late_s}
+            )
+        if views:
+            self._read(views, max_age=self._timing.poll_s)
