@@ -257,12 +257,15 @@ def plan_views(
     recheck_s: float,
     rng: random.Random,
     spread: int | None = None,
+    stay: tuple[int, int] | None = None,
 ) -> list[tuple[int, int]]:
     """The `(epoch, bucket)`s a claim round reads, in the order it claims from them.
 
-    The target is at random among the first `spread` buckets (None: all) of the oldest of the open
-    `epochs` with buckets neither `complete` nor `exhausted` (found with nothing to claim, at the time
-    given). Before it comes the bucket of the oldest epoch found exhausted longest ago, if over
+    The target is the bucket `stay` (the one the last round claimed from) while it is open, else at
+    random among the first `spread` buckets (None: all) of the oldest of the open `epochs` with buckets
+    neither `complete` nor `exhausted` (found with nothing to claim, at the time given): a peer that
+    stays in its bucket until it is exhausted leaves its done shards in few buckets, so a bucket holds
+    the records of a few peers, not of every peer that passed by. Before it comes the bucket of the oldest epoch found exhausted longest ago, if over
     `recheck_s` ago: a dead peer's claims lapse there, and one extra read per round finds them within
     about a lease whatever the number of buckets. Empty: nothing to read until a recheck is due."""
     views: list[tuple[int, int]] = []
@@ -273,7 +276,8 @@ def plan_views(
             views.append((epoch, stale[0][1]))
         fresh = [b for b in range(count) if b not in done and b not in seen]
         if fresh:
-            views.append((epoch, rng.choice(fresh[: spread or len(fresh)])))
+            stays = stay is not None and stay[0] == epoch and stay[1] in fresh
+            views.append(stay if stays else (epoch, rng.choice(fresh[: spread or len(fresh)])))
             break
     return views
 

@@ -11,7 +11,7 @@ with its own key, rewritten whole on every change:
   one atomic write and counts after the peer is gone.
 
 A claim round reads one bucket (a peer alone: the first one not done, so it reads the order exactly;
-otherwise one at random), picks at random among the first few free shards, publishes its claim,
+otherwise one at random among the first few open, about a bucket per four peers: `leases.front`), picks at random among the first few free shards, publishes its claim,
 re-reads after a short settle and backs off if an earlier claim (then the lower key) holds the same
 shard: the DHT has no compare-and-swap. A bucket found with nothing to claim is left alone, except that
 each round also re-reads the one found so longest ago (after `lease_s / 3`), which is how lapsed claims

@@ -42,6 +42,7 @@ from ..leases import (
     plan_views,
     shard_order,
     shard_states,
+    stragglers,
 )
 from ..leases import position as position_of
 from ..metrics import JsonLines
@@ -150,6 +151,7 @@ class ShardAssigner:
         self._recheck_s = lease_s / 3 if timing.recheck_s is None else timing.recheck_s
         self._complete: dict[int, set[int]] = {}  # per epoch: buckets known complete
         self._exhausted: dict[int, dict[int, float]] = {}  # per epoch: bucket -> when found with nothing free
+        self._stay: View | None = None  # the bucket the last claim round claimed from
         self._unchecked: set[View] = set()  # buckets where this peer finished a shard since they were read
         self._marks = Progress()  # as last read from the DHT
         self._store: RecordStore | None = None
@@ -176,9 +178,8 @@ class ShardAssigner:
         self.lost_races = 0
         self._claim_to_done_s: deque[float] = deque(maxlen=9)  # this peer's recent shards, claim to finish
         self._board = Board(len(self._shards), 0.0)  # the last board read
-        self._taken: set[tuple[int, int]] = (
-            set()
-        )  # shards held here that a backup reader holds too, or finished
+        # shards held here that another peer finished, or holds too as a backup reader
+        self._taken: set[tuple[int, int]] = set()
         self._resume = resume
         self._floor = -1  # the last epoch known complete before any board says so (a restart's)
 
@@ -312,12 +313,8 @@ class ShardAssigner:
                 spread = 1 if self.single_peer else 2 * len(board.live_peers())  # alone: the exact order
                 picks: list[tuple[int, int]] = []
                 backups: set[tuple[int, int]] = set()
-                with self._lock:  # how long shards stay claimed in this run: its own and others'
-                    late_s = late_after(
-                        [*self._claim_to_done_s, *self._observer.hold_s], least_s=self._lease_s / 2
-                    )
-                    if not self._in_tail(current_epoch(board), views) or self._slower_than_most():
-                        late_s = None  # no backup reads yet, or none by this peer
+                with self._lock:
+                    late_s = self._backup_after(board, views)
                 kw = dict(rng=self._rng, spread=spread, max_epochs=self._max_epochs, skip=picks, me=self._owner,
                           late_s=late_s)  # fmt: skip
                 most = max(1, batch or self._batch)
@@ -327,8 +324,9 @@ class ShardAssigner:
                     if step.backup:
                         backups.add(picks[-1])
                 with self._lock:
-                    found = self._note_views(board, views, picks, late_s)
+                    found, _ = self._note_views(board, views, picks, late_s)
                 if picks:
+                    self._stay = views[-1]  # the target: claimed from again while it is open
                     self._claim_round(picks, backups, views)
                     self.claim_rounds_s.append(time.monotonic() - started)
                     continue
@@ -473,15 +471,27 @@ class ShardAssigner:
         return plan_views(
             self._open_epochs(), self._count, self._complete, self._exhausted, now=time.monotonic(),
             recheck_s=self._recheck_s, rng=self._rng,
-            spread=1 if self.single_peer else front(self._observer.peers_met + 1),
+            spread=1 if self.single_peer else front(self._observer.peers_met + 1), stay=self._stay,
         )  # fmt: skip
 
-    def _slower_than_most(self) -> bool:
-        """Whether this peer holds its shards over twice as long as the run's median (others' holds are
-        timed from when they were first seen, so shorter than its own): it reads no backups, which the
-        straggler would give up to it (`taken_elsewhere`) only to wait longer (called with `_lock` held)."""
-        mine, run = self._claim_to_done_s, self._observer.hold_s
-        return len(mine) >= 3 and len(run) >= 3 and statistics.median(mine) > 2 * statistics.median(run)
+    def _late_s(self) -> float | None:
+        """How long another peer may hold a shard before it counts as late, from how long shards stay
+        claimed in this run, this peer's and others' (called with `_lock` held)."""
+        return late_after([*self._claim_to_done_s, *self._observer.hold_s], least_s=self._lease_s / 2)
+
+    def _backup_after(self, board: Board, views: Sequence[View]) -> float | None:
+        """The `late_s` for this round's `choose` (None: no backup reads this round). Backups wait for the
+        epoch's tail (`_in_tail`); a peer whose own shards take that long reads none (the straggler would
+        give its shard up to it, `taken_elsewhere`, only to wait longer); and an idle peer tries one with
+        a chance of two per straggler among the peers it knows, or every idle peer of a large swarm would
+        race for the same few and fill their bucket with losing claims (called with `_lock` held)."""
+        late_s, epoch, mine = self._late_s(), current_epoch(board), self._claim_to_done_s
+        if late_s is None or not self._in_tail(epoch, views):
+            return None
+        if len(mine) >= 3 and statistics.median(mine) > late_s:
+            return None
+        late = stragglers(board, epoch, late_s, me=self._owner)
+        return late_s if self._rng.random() < 2 * len(late) / (self._observer.peers_met + 1) else None
 
     def _in_tail(self, epoch: int, views: Sequence[View]) -> bool:
         """Whether `epoch` has nothing left to claim outside `views`, as far as this peer knows (its other
@@ -636,8 +646,7 @@ class ShardAssigner:
         """Re-read the buckets of the claims held here for longer than others take a shard to be late:
         a backup reader may have taken them over (`taken_elsewhere`)."""
         with self._lock:
-            late_s = late_after([*self._claim_to_done_s, *self._observer.hold_s], least_s=self._lease_s / 2)
-            late_s, now = late_s or self._lease_s / 2, get_dht_time()
+            late_s, now = self._late_s() or self._lease_s / 2, get_dht_time()
             views = sorted(
                 {(e, self._bucket_of(e, i)) for e, i, t in self._holdings.claims() if now - t > late_s}
             )
