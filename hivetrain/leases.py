@@ -5,7 +5,7 @@ seen at one moment, and `current_epoch`, `choose` and `confirmed` decide; `posit
 keeps of the data, to resume a run that stopped whole. Every peer computes the same `shard_order` for an
 epoch, so they agree on the order without talking.
 
-So that a claim costs the same with 8 peers or 1,000, an epoch's order is cut into buckets of
+So that a claim's cost does not grow with the swarm, an epoch's order is cut into buckets of
 `BUCKET_SIZE` shards (`bucket_shards`), each with its own records: a claim round reads and writes one or
 two buckets (`plan_views` says which), never the whole run, and a bucket found with nothing to claim
 (`bucket_state`) is left alone until its claims may have lapsed. `hivetrain.assign` does the DHT reads and
