@@ -18,11 +18,14 @@ from hivetrain.leases import (
     Done,
     Lease,
     Position,
+    bucket_state,
     choose,
     confirmed,
     current_epoch,
+    front,
     late_after,
     parse_records,
+    plan_views,
     position,
     shard_list_fingerprint,
     shard_order,
@@ -135,6 +138,27 @@ def test_a_straggler_at_the_epoch_end_gets_one_backup_reader_before_the_next_epo
     )
     assert late_after([1.0, 2.0]) is None and late_after([1.0, 9.0, 2.0, 3.0]) == 9.0
     assert late_after([1.0, 9.0, 2.0, 3.0], least_s=15.0) == 15.0
+
+
+def test_a_bucket_is_complete_open_or_exhausted_and_a_round_reads_the_right_ones():
+    held = Board(12, NOW, leases=(lease(B, (0, 4, NOW - 30)),), dones=(done(A, e0={0, 1, 2, 3, 5}),))
+    assert bucket_state(held, 0, [0, 1, 2, 3]) == "complete"
+    assert bucket_state(held, 0, [3, 4, 5, 6]) == "open"  # 6 is free
+    assert bucket_state(held, 0, [3, 4, 5]) == "exhausted"  # 4 is held
+    assert bucket_state(held, 0, [3, 4, 5], late_s=5) == "open"  # ... by a straggler, who may be backed up
+    assert bucket_state(held, 0, [3, 4, 5], late_s=5, me=B) == "exhausted"  # not by itself
+    rng, kw = random.Random(0), dict(now=10.0, recheck_s=5.0)
+    assert plan_views([0, 1], 4, {}, {}, rng=rng, spread=1, **kw) == [(0, 0)]  # alone: the order exactly
+    complete, exhausted = {0: {0}}, {0: {1: 9.0}}
+    targets = {plan_views([0, 1], 4, complete, exhausted, rng=rng, spread=2, **kw)[-1] for _ in range(50)}
+    assert targets == {(0, 2), (0, 3)}  # the first `spread` open buckets of the oldest epoch
+    assert plan_views([0, 1], 4, complete, exhausted, rng=rng, spread=1, stay=(0, 3), **kw) == [(0, 3)]
+    assert plan_views([0, 1], 4, complete, exhausted, rng=rng, spread=1, stay=(0, 1), **kw) == [(0, 2)]
+    # a bucket found exhausted over `recheck_s` ago is read first (lapsed claims show there)
+    assert plan_views([0, 1], 4, complete, {0: {1: 1.0}}, rng=rng, spread=1, **kw) == [(0, 1), (0, 2)]
+    assert plan_views([0, 1], 2, complete, exhausted, rng=rng, spread=1, **kw) == [(1, 0)]  # the next epoch
+    assert plan_views([0], 2, complete, exhausted, rng=rng, spread=1, **kw) == []  # nothing until a recheck
+    assert [front(p) for p in (1, 4, 5, 64, 1000)] == [1, 1, 2, 16, 250]
 
 
 def test_the_observer_times_each_claim_of_others_once_from_sighting_to_done():
