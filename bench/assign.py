@@ -152,7 +152,7 @@ def lease_peer(args, assigner, log_claim) -> None:
 
     threading.Thread(target=claimer, daemon=True).start()
     while (claim := ready.get()) is not None:
-        if assigner.taken_elsewhere(claim):  # as hivetrain.feed does: a backup reader was quicker
+        if assigner.taken_elsewhere(claim):  # as hivetrain.feed does: a backup reader took it over
             assigner.release(claim)
         else:
             time.sleep(args.read)

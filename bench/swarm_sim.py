@@ -1,6 +1,6 @@
 """The claim protocol at 64 to 1,024 peers: hivetrain's own ShardAssigner over a simulated DHT.
 
-    .venv/bin/python bench/swarm_sim.py [--peers 8 64 256 1024] [--shards 1250] [--read 6] [--lease 12] [--scale 0.25 1 4 10]
+    .venv/bin/python bench/swarm_sim.py [--peers 8 64 256 1024] [--shards 1250] [--read 6] [--lease 12] [--scale 0.25 1 4 8]
 
 Every peer is a real `hivetrain.assign.ShardAssigner` with its real `BucketStore` (claim rounds, renewal
 thread, records split over buckets, marks), all in this one process; only the DHT is simulated, because

@@ -265,9 +265,10 @@ def plan_views(
     random among the first `spread` buckets (None: all) of the oldest of the open `epochs` with buckets
     neither `complete` nor `exhausted` (found with nothing to claim, at the time given): a peer that
     stays in its bucket until it is exhausted leaves its done shards in few buckets, so a bucket holds
-    the records of a few peers, not of every peer that passed by. Before it comes the bucket of the oldest epoch found exhausted longest ago, if over
-    `recheck_s` ago: a dead peer's claims lapse there, and one extra read per round finds them within
-    about a lease whatever the number of buckets. Empty: nothing to read until a recheck is due."""
+    the records of a few peers, not of every peer that passed by. Before it comes the bucket of the
+    oldest epoch found exhausted longest ago, if over `recheck_s` ago: a dead peer's claims lapse there,
+    and one extra read per round finds them within about a lease whatever the number of buckets. Empty:
+    nothing to read until a recheck is due."""
     views: list[tuple[int, int]] = []
     for epoch in epochs:
         done, seen = complete.get(epoch, ()), exhausted.get(epoch, {})

@@ -589,10 +589,12 @@ class ShardAssigner:
             )
             held = {(e, i) for e, i, _ in lease.claims}
             self._taken &= held
-            for e, i in held:
-                claims = board.claims(e).get(i, ())
-                if i in board.done(e) or (len(claims) > 1 and claims[0][1] == self._owner):
-                    self._taken.add((e, i))
+            for e in {e for e, _ in held}:
+                done, claims = board.done(e), board.claims(e)
+                for i in (i for epoch, i in held if epoch == e):
+                    by = claims.get(i, ())
+                    if i in done or (len(by) > 1 and by[0][1] == self._owner):
+                        self._taken.add((e, i))
             reachable = None if self._store is None else self._store.reachable
             epoch = self._observer.see(board, records, owner=self._owner, reachable=reachable)
             self._holdings.forget_before(epoch - 1)  # epochs before the previous one are settled

@@ -37,10 +37,9 @@ class BoardObserver:
     def __init__(self, run_id: str, shards: Sequence[str], *, max_hold_s: float, remember_s: float = 0.0):
         self._run_id, self._shards, self._max_hold_s = run_id, shards, max_hold_s
         self._remember_s = remember_s
-        self._seen: dict[bytes, float] = {}  # other peers seen live -> when (monotonic)
+        self._seen: dict[bytes, float] = {}  # other peers seen live lately -> when (monotonic)
         self.epoch = -1
         """The run's current epoch (the oldest not complete) as last seen; -1 before the first board."""
-        self._met: dict[bytes, float] = {}  # other peers seen live lately, for the swarm's size
         self.alone: bool | None = None
         """Whether no other peer was visible on the last board; None before the first."""
         self._malformed: set[tuple[bytes, float]] = set()
@@ -75,7 +74,7 @@ class BoardObserver:
     @property
     def peers_met(self) -> int:
         """Other peers seen live in the buckets read lately: the swarm's size as far as this peer knows."""
-        return len(self._met)
+        return len(self._seen)
 
     def see(self, board: Board, records: Records, *, owner: bytes, reachable: bool | None) -> int:
         """Take in a board built from `records` (this peer: `owner`; `reachable`: None without a DHT) and
@@ -84,14 +83,11 @@ class BoardObserver:
         self._note_finished(records)
         self._note_epoch(current_epoch(board))
         now = time.monotonic()
-        live = [(peer, now) for peer in board.live_peers() if peer != owner]
-        self._seen.update(live)
-        self._seen = {peer: t for peer, t in self._seen.items() if now - t <= self._remember_s}
-        self._met.update(live)
-        self._met = {
-            peer: t for peer, t in self._met.items() if now - t <= self.SIZE_MEMORY * self._remember_s
+        self._seen.update((peer, now) for peer in board.live_peers() if peer != owner)
+        self._seen = {
+            peer: t for peer, t in self._seen.items() if now - t <= self.SIZE_MEMORY * self._remember_s
         }
-        self._note_alone(len(self._seen), reachable)
+        self._note_alone(sum(now - t <= self._remember_s for t in self._seen.values()), reachable)
         for lease in records.leases:
             if lease.owner not in self._skewed and lease.owner != owner and lease.expires > board.now:
                 self._note_clock(lease, board.now)

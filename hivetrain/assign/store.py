@@ -182,13 +182,14 @@ class BucketStore:
         if views or epochs:
             with self._lock:
                 self._ensure_keys([*(e for e, _ in views), *(epochs or ())])
-        wanted = {bucket_key(self._run_id, *view): max_age for view in views}
+        keys = {view: bucket_key(self._run_id, *view) for view in views}
+        wanted = dict.fromkeys(keys.values(), max_age)
         if epochs is not None:
             wanted.update(dict.fromkeys(self._marks_keys(epochs), marks_age))
         values = self._get(wanted)
         records, now = Records(), get_dht_time()
-        for view in views:
-            if (value := values[bucket_key(self._run_id, *view)]) is not None:
+        for view, key in keys.items():
+            if (value := values[key]) is not None:
                 within = functools.partial(self._within, view)
                 leases, dones, bad = parse_records(value, n=self._n, fp=self._fp, now=now, within=within)
                 records += Records(tuple(leases), tuple(dones), tuple(bad))
